@@ -1,0 +1,501 @@
+"""The LLaVA-style model of INST-IT (2.4, 3.1): vision encoder -> 2x2 pooling (videos) -> MLP projector -> causal LM.
+
+Read top to bottom in the order data flows: `ModelConfig` and `num_visual_tokens` (how many tokens an
+image or a video becomes), loading the three parts, `LlavaStyleModel.forward` (features are written
+into the `<image>` positions that data.py expanded), generation, saving, merging.
+
+Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; a transformers
+`LlavaForConditionalGeneration` checkpoint is adopted with `LlavaStyleModel.from_llava_hf`.
+"""
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger("model")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines the model. Defaults follow INST-IT (LLaVA-NeXT-Video recipe, Tab. 6)."""
+    vision_model: str = "openai/clip-vit-large-patch14-336"  # any ViT-style encoder: CLIP, SigLIP
+    language_model: str = "lmsys/vicuna-7b-v1.5"              # any causal LM
+    tokenizer: str | None = None          # defaults to language_model (or the LLaVA checkpoint)
+    llava_checkpoint: str | None = None   # set by from_llava_hf: vision, projector and LM come from here
+    vision_feature_layer: int = -2        # LLaVA takes the penultimate layer's hidden states
+    vision_feature_select_strategy: str = "default"  # "default": drop CLS (only if the encoder has one); "full": keep
+    pool_stride: int = 2                  # 2x2 spatial pooling of video / multi-visual frames (INST-IT 2.4)
+    pool_mode: str = "average"            # "average" or "bilinear"; odd grids round up (27x27 -> 14x14)
+    max_frames: int = 32                  # frames per video (INST-IT 3.1)
+    trainable_vision_layers: int = 12     # last N encoder layers trained; 0 = frozen (INST-IT: last 12 of 24)
+    lm_training: str = "lora"             # "lora", "full" or "frozen"
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    load_in_4bit: bool = False            # QLoRA: nf4 + double quant, language model only
+    dtype: str = "auto"                   # weights: "auto" = bfloat16 on CUDA, float32 on CPU
+    gradient_checkpointing: bool = False
+    image_token: str = "<image>"
+    # Resolved from the vision encoder by build_model; num_visual_tokens reads them.
+    image_size: int = 0
+    patch_size: int = 0
+    has_cls: bool = False
+    image_mean: tuple = (0.5, 0.5, 0.5)   # pixel normalisation of the encoder's image processor
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+
+def num_visual_tokens(cfg: ModelConfig, num_frames: int = 1, pooled: bool = False) -> int:
+    """Tokens one visual of `num_frames` frames becomes: the single source of truth (INST-IT 2.4).
+
+    Unpooled (a single image): grid^2 per frame (+1 with strategy "full" on an encoder with CLS).
+    Pooled (videos, several visuals): ceil(grid / stride)^2 per frame; CLS never survives pooling.
+    """
+    if not cfg.image_size or not cfg.patch_size:
+        raise ValueError("ModelConfig.image_size/patch_size are unset: take the config from build_model(cfg).cfg")
+    grid = cfg.image_size // cfg.patch_size
+    if pooled:
+        return math.ceil(grid / cfg.pool_stride) ** 2 * num_frames
+    cls = int(cfg.has_cls and cfg.vision_feature_select_strategy == "full")
+    return (grid * grid + cls) * num_frames
+
+
+def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
+    """(T, g*g, D) per-frame patch features -> (T, ceil(g/stride)^2, D), INST-IT's 2x2 video pooling.
+
+    Odd grids (SigLIP-384: 27x27) round up: the last row/column window is clipped to the image and
+    averaged over the patches it covers ("average"), or the grid is resized to the same size ("bilinear").
+    """
+    t, n, d = x.shape
+    g = math.isqrt(n)
+    x = x.transpose(1, 2).reshape(t, d, g, g)
+    if mode == "average":
+        x = F.avg_pool2d(x, stride, stride, ceil_mode=True)
+    elif mode == "bilinear":
+        x = F.interpolate(x, size=math.ceil(g / stride), mode="bilinear", align_corners=False)
+    else:
+        raise ValueError(f"pool_mode must be 'average' or 'bilinear', got {mode!r}")
+    return x.flatten(2).transpose(1, 2)
+
+
+class Projector(nn.Module):
+    """Linear-GELU-Linear from vision width to LM width (LLaVA-1.5); names match transformers' LLaVA."""
+
+    def __init__(self, vision_dim: int, lm_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, lm_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(lm_dim, lm_dim)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading the parts. A LLaVA checkpoint is read with key mappings, so the same loaders serve both routes.
+
+LLAVA_KEYS = {  # llava-hf checkpoints, old layout ("language_model.model.*") and transformers 5 layout
+    "vision": {r"^(model\.)?vision_tower\.": ""},
+    "language": {r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head.",
+                 r"^model\.language_model\.": "model."},
+    "projector": r"^(model\.)?multi_modal_projector\.",
+}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def load_vision(path: str, dtype, config=None, key_mapping=None):
+    """A transformers ViT-style vision encoder (the vision half when `path` is a full CLIP/SigLIP)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = config or AutoConfig.from_pretrained(path)
+    config = getattr(config, "vision_config", config)
+    if not (getattr(config, "image_size", None) and getattr(config, "patch_size", None)):
+        raise ValueError(f"{path}: vision model type {config.model_type!r} has no image_size/patch_size; "
+                         "model.py supports ViT-style encoders such as CLIP and SigLIP")
+    return strict_from_pretrained(AutoModel, path, config=config, dtype=dtype, attn_implementation="sdpa",
+                                  key_mapping=key_mapping)
+
+
+def strict_from_pretrained(auto_class, path, **kwargs):
+    """`auto_class.from_pretrained`, quiet about a checkpoint's other parts (a LLaVA checkpoint holds three
+    models) but an error when a weight of the model being loaded is missing."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"{path}: no weights for {sorted(info['missing_keys'])[:5]} (is this the right checkpoint?)")
+    return model
+
+
+def image_normalization(path: str) -> tuple[list, list]:
+    """(mean, std) of the vision encoder's image processor; CLIP's values when the folder has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        proc = AutoImageProcessor.from_pretrained(path)
+        return list(proc.image_mean), list(proc.image_std)
+    except (OSError, ValueError, AttributeError):
+        log.warning("%s: no image processor config; using CLIP's normalisation", path)
+        return [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def encoder_layers(vision: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a vision encoder (CLIP/SigLIP: vision_model.encoder.layers)."""
+    for name, module in vision.named_modules():
+        if isinstance(module, nn.ModuleList) and re.search(r"encoder\.layers?$", name):
+            return module
+    raise ValueError(f"{type(vision).__name__}: no encoder.layers found; not a ViT-style encoder")
+
+
+def load_language_model(path: str, cfg: ModelConfig, dtype, device, config=None, key_mapping=None):
+    """A causal LM, quantized to nf4 when cfg.load_in_4bit (the language model only, DESIGN 6)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = None
+    if cfg.load_in_4bit:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+    return strict_from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype,
+                                  quantization_config=quant, device_map={"": device},
+                                  attn_implementation="sdpa", key_mapping=key_mapping)
+
+
+def checkpoint_tensors(path: str, prefix: str) -> dict:
+    """Tensors of a (sharded) safetensors checkpoint whose names match `prefix`, with it stripped."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    shards = sorted(set(json.load(open(index))["weight_map"].values())) if index else ["model.safetensors"]
+    out = {}
+    for shard in shards:
+        with safe_open(cached_file(path, shard), "pt") as f:
+            for key in f.keys():
+                if m := re.match(prefix, key):
+                    out[key[m.end():]] = f.get_tensor(key)
+    return out
+
+
+def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel":
+    """Load vision encoder, projector and causal LM per `cfg`; freeze, quantize and wrap them per `cfg`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.lm_training not in ("lora", "full", "frozen"):
+        raise ValueError(f"lm_training must be 'lora', 'full' or 'frozen', got {cfg.lm_training!r}")
+    if cfg.load_in_4bit and cfg.lm_training == "full":
+        raise ValueError("load_in_4bit trains LoRA adapters; set lm_training='lora' (or 'frozen')")
+    if cfg.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
+                         f"got {cfg.vision_feature_select_strategy!r}")
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.llava_checkpoint:
+        llava = AutoConfig.from_pretrained(cfg.llava_checkpoint)
+        vision = load_vision(cfg.llava_checkpoint, dtype, llava.vision_config, LLAVA_KEYS["vision"])
+        lm = load_language_model(cfg.llava_checkpoint, cfg, dtype, device, llava.text_config, LLAVA_KEYS["language"])
+        projector_state = checkpoint_tensors(cfg.llava_checkpoint, LLAVA_KEYS["projector"])
+    else:
+        vision = load_vision(cfg.vision_model, dtype)
+        lm = load_language_model(cfg.language_model, cfg, dtype, device)
+        projector_state = None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llava_checkpoint or cfg.language_model)
+    mean, std = image_normalization(cfg.llava_checkpoint or cfg.vision_model)
+    cfg = replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
+    return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state).to_device(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model.
+
+class LlavaStyleModel(nn.Module):
+    """Vision encoder + projector + causal LM; `<image>` positions in input_ids receive visual features."""
+
+    def __init__(self, cfg, vision, lm, tokenizer, projector_state=None):
+        super().__init__()
+        vcfg = vision.config
+        self.cfg = cfg = replace(cfg, image_size=vcfg.image_size, patch_size=vcfg.patch_size)
+        self.tokenizer = tokenizer
+        self.vision = self._truncate_vision(vision)
+        self.cfg.has_cls = self._encoder_has_cls()
+        self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size).to(vision.dtype)
+        if projector_state is not None:
+            self.projector.load_state_dict(projector_state)
+        self.image_token_id = self._add_image_token(lm)
+        self.lm = self._prepare_language_model(lm)
+        self._freeze_vision()
+        self._upcast_trainable()
+        self._check_trainable()
+
+    # -- set-up, in the order it runs ------------------------------------------------------------
+    def _truncate_vision(self, vision):
+        """Keep encoder layers up to the feature layer: later layers cost compute and never reach the LM."""
+        layers = encoder_layers(vision)
+        n = len(layers)
+        used = self.cfg.vision_feature_layer % (n + 1)  # hidden_states has n+1 entries (embeddings first)
+        del layers[used:]
+        vision.config.num_hidden_layers = used
+        return vision
+
+    @torch.no_grad()
+    def _encoder_has_cls(self) -> bool:
+        """Shape-based: an encoder has a CLS token iff it emits grid^2 + 1 tokens (CLIP yes, SigLIP no)."""
+        size = self.cfg.image_size
+        pixels = torch.zeros(1, 3, size, size, dtype=self.vision.dtype, device=self.vision.device)
+        tokens = self.vision(pixels, output_hidden_states=True).hidden_states[-1].shape[1]
+        return tokens == (size // self.cfg.patch_size) ** 2 + 1
+
+    def _add_image_token(self, lm) -> int:
+        """Add `<image>` to the tokenizer if missing; new embedding rows are the mean of the old ones, so a
+        rebuilt model (from_pretrained) gets the same rows without storing them."""
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if self.cfg.image_token not in tok.get_vocab():
+            tok.add_special_tokens({"additional_special_tokens": [self.cfg.image_token]})
+        if len(tok) > lm.get_input_embeddings().weight.shape[0]:
+            old = lm.get_input_embeddings().weight.shape[0]
+            lm.resize_token_embeddings(len(tok), mean_resizing=False)
+            for emb in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+                with torch.no_grad():
+                    emb.weight[old:] = emb.weight[:old].mean(0)
+        return tok.convert_tokens_to_ids(self.cfg.image_token)
+
+    def _prepare_language_model(self, lm):
+        """Freeze / LoRA-wrap the LM. k-bit preparation runs on the LM alone, before vision and projector
+        are attached, so it cannot upcast the vision tower to fp32 (DESIGN 6)."""
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        ckpt_kwargs = {"use_reentrant": False}
+        if self.cfg.load_in_4bit:
+            lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=self.cfg.gradient_checkpointing,
+                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+        elif self.cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        lm.requires_grad_(self.cfg.lm_training == "full")
+        self._expected_lm_trainable = sum(p.numel() for p in lm.parameters()) if self.cfg.lm_training == "full" else 0
+        if self.cfg.lm_training == "lora":
+            head = lm.get_output_embeddings()
+            linears = [m for m in lm.modules() if isinstance(m, nn.Linear) and m is not head]
+            self._expected_lm_trainable = sum(self.cfg.lora_r * (m.in_features + m.out_features) for m in linears)
+            lm = get_peft_model(lm, LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
+                                               lora_dropout=self.cfg.lora_dropout, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
+        return lm
+
+    def _freeze_vision(self):
+        """Freeze all but the last `trainable_vision_layers` blocks. A frozen parameter records no autograd
+        graph (what no_grad does); the trainable tail records one. LLaVA's tower was decorated with
+        no_grad, so "unfreezing" it trained nothing (DESIGN 6): tests check the tail gets gradients."""
+        layers = encoder_layers(self.vision)
+        k = min(self.cfg.trainable_vision_layers, len(layers))
+        self.vision.requires_grad_(False)
+        for layer in layers[len(layers) - k:]:
+            layer.requires_grad_(True)
+        if k and self.cfg.gradient_checkpointing:
+            self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _upcast_trainable(self):
+        """Trainable weights are kept in fp32 (master weights, autocast computes in bf16); frozen keep `dtype`."""
+        for p in self.parameters():
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+
+    def _check_trainable(self):
+        """Trainable parameters must be exactly projector + LM (LoRA or full) + unfrozen vision layers."""
+        layers = encoder_layers(self.vision)
+        k = min(self.cfg.trainable_vision_layers, len(layers))
+        expected = {
+            "projector": sum(p.numel() for p in self.projector.parameters()),
+            "vision": sum(p.numel() for layer in layers[len(layers) - k:] for p in layer.parameters()),
+            "language": self._expected_lm_trainable,
+        }
+        actual = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
+        if actual != expected:
+            raise RuntimeError(f"trainable parameters {actual} differ from what the config implies {expected}")
+        total = sum(p.numel() for p in self.parameters())
+        log.info("trainable parameters: %s = %d of %d (%.2f%%)", actual, sum(actual.values()), total,
+                 100 * sum(actual.values()) / total)
+
+    def to_device(self, device):
+        """Move vision and projector; the LM was placed by from_pretrained (4-bit weights cannot be moved)."""
+        self.vision.to(device)
+        self.projector.to(device)
+        return self
+
+    @property
+    def device(self):
+        return self.projector.linear_1.weight.device
+
+    def parameter_groups(self) -> dict:
+        """Trainable parameters by part, for separate learning rates: projector / vision / language."""
+        parts = {"projector": self.projector, "vision": self.vision, "language": self.lm}
+        return {name: [p for p in part.parameters() if p.requires_grad] for name, part in parts.items()}
+
+    # -- forward ---------------------------------------------------------------------------------
+    def encode_visuals(self, pixel_values, visual_frames=None, visual_pooled=None) -> torch.Tensor:
+        """(F, 3, H, W) frames of all visuals in a batch -> (N, D_lm) features in placeholder order.
+
+        `visual_frames[i]` frames belong to visual i (default: one frame each); visual i is 2x2-pooled if
+        `visual_pooled[i]` (default: no). Pooling comes before the projector, as in LLaVA-NeXT-Video.
+        """
+        visual_frames = visual_frames or [1] * len(pixel_values)
+        visual_pooled = visual_pooled or [False] * len(visual_frames)
+        if sum(visual_frames) != len(pixel_values) or len(visual_pooled) != len(visual_frames):
+            raise ValueError(f"visual_frames {visual_frames} / visual_pooled {visual_pooled} do not describe "
+                             f"{len(pixel_values)} frames")
+        if max(visual_frames) > self.cfg.max_frames:
+            raise ValueError(f"a visual has {max(visual_frames)} frames, more than max_frames="
+                             f"{self.cfg.max_frames}; sample fewer frames (data.sample_frames)")
+        hidden = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True).hidden_states[-1]
+        patches = hidden[:, 1:] if self.cfg.has_cls else hidden  # (F, grid^2, Dv)
+        features = []
+        for frames, hid, pat, pooled in zip(visual_frames, hidden.split(visual_frames),
+                                            patches.split(visual_frames), visual_pooled):
+            if pooled:
+                x = pool_frames(pat, self.cfg.pool_stride, self.cfg.pool_mode)
+            else:
+                x = hid if self.cfg.vision_feature_select_strategy == "full" else pat
+            features.append(x.reshape(-1, x.shape[-1]))
+        return self.projector(torch.cat(features).to(self.projector.linear_1.weight.dtype))
+
+    def embed(self, input_ids, pixel_values=None, visual_frames=None, visual_pooled=None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) embeddings with visual features written into the `<image>` positions."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        slots = input_ids == self.image_token_id
+        if pixel_values is None:
+            if slots.any():
+                raise ValueError(f"input_ids hold {int(slots.sum())} {self.cfg.image_token} tokens but no pixel_values")
+            return embeds
+        features = self.encode_visuals(pixel_values, visual_frames, visual_pooled)
+        if slots.sum() != len(features):
+            raise ValueError(
+                f"{self.cfg.image_token} tokens per sample {slots.sum(1).tolist()} (total {int(slots.sum())}) "
+                f"differ from the {len(features)} visual features of visual_frames={visual_frames} "
+                f"pooled={visual_pooled}; expand each placeholder with num_visual_tokens (data.py does)")
+        return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
+                visual_pooled=None, position_ids=None):
+        """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token
+        loss over labels != -100, computed as transformers' LLaVA does (fp32 logits)."""
+        embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       position_ids=position_ids).last_hidden_state
+        logits = self.lm.get_output_embeddings()(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
+                 max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
+        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS."""
+        embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
+        eos = [self.tokenizer.eos_token_id] + [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
+                                               if t in self.tokenizer.get_vocab()]
+        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+                                **sampling)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def trained_state_dict(self) -> dict:
+        """Every trained tensor: projector, unfrozen vision layers, LoRA adapter (or the full LM)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, out_dir: str):
+        """config.json + trained.safetensors + the tokenizer (with added tokens): all a reload needs,
+        besides the base weights named in the config."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(asdict(self.cfg), f, indent=1)
+        save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()},
+                  os.path.join(out_dir, "trained.safetensors"))
+        self.tokenizer.save_pretrained(out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
+        """Rebuild from a save_pretrained folder (base weights from the config's paths, trained tensors from
+        the folder); a folder holding a llava-hf checkpoint goes to from_llava_hf."""
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+        if "text_config" in saved:  # a transformers LLaVA checkpoint, e.g. written by merge_to_llava_hf
+            return cls.from_llava_hf(path, device=device, **overrides)
+        names = {f.name for f in fields(ModelConfig)}
+        cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
+        model = build_model(cfg, device)
+        model.load_trained(os.path.join(path, "trained.safetensors"))
+        return model
+
+    def load_trained(self, file: str):
+        """Load trained tensors; their names must be exactly this model's trainable parameters."""
+        from safetensors.torch import load_file
+
+        state = load_file(file, device=str(self.device))
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            raise ValueError(f"{file}: trained tensors do not match the config (missing "
+                             f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    @classmethod
+    def from_llava_hf(cls, path_or_id: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
+        """Adopt a transformers `LlavaForConditionalGeneration` checkpoint (e.g. llava-hf/llava-1.5-7b-hf),
+        with its vision_feature_layer and select strategy."""
+        from transformers import AutoConfig
+
+        llava = AutoConfig.from_pretrained(path_or_id)
+        if not isinstance(llava.vision_feature_layer, int):
+            raise ValueError(f"{path_or_id}: several vision feature layers {llava.vision_feature_layer} are not supported")
+        cfg = ModelConfig(vision_model=path_or_id, language_model=path_or_id, llava_checkpoint=path_or_id,
+                          vision_feature_layer=llava.vision_feature_layer,
+                          vision_feature_select_strategy=llava.vision_feature_select_strategy)
+        return build_model(replace(cfg, **overrides), device)
+
+    def merge_to_llava_hf(self, out_dir: str):
+        """Write a plain transformers LLaVA checkpoint with LoRA folded in (vision truncated to the used
+        layers, so vision_feature_layer = -1), loadable by LlavaForConditionalGeneration and from_llava_hf."""
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        full = build_model(replace(self.cfg, load_in_4bit=False, tokenizer=None), "cpu")  # unquantized base
+        full.tokenizer = self.tokenizer
+        with torch.no_grad():
+            params = dict(full.named_parameters())
+            for name, tensor in self.trained_state_dict().items():
+                params[name].copy_(tensor)
+        lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
+        config = LlavaConfig(vision_config=full.vision.config.to_dict(), text_config=lm.config.to_dict(),
+                             image_token_id=self.image_token_id, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default" if self.cfg.has_cls else "full",
+                             projector_hidden_act="gelu", multimodal_projector_bias=True)
+        llava = LlavaForConditionalGeneration(config)
+        llava.model.vision_tower.load_state_dict(full.vision.state_dict())
+        llava.model.multi_modal_projector.load_state_dict(full.projector.state_dict())
+        llava.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+        llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+        llava.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
