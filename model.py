@@ -423,12 +423,12 @@ class LlavaStyleModel(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, out_dir: str):
-        """config.json + trained.safetensors + the tokenizer (with added tokens): all a reload needs,
+        """model_config.json + trained.safetensors + the tokenizer (with added tokens): all a reload needs,
         besides the base weights named in the config."""
         from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
+        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
             json.dump(asdict(self.cfg), f, indent=1)
         save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()},
                   os.path.join(out_dir, "trained.safetensors"))
@@ -438,10 +438,10 @@ class LlavaStyleModel(nn.Module):
     def from_pretrained(cls, path: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
         """Rebuild from a save_pretrained folder (base weights from the config's paths, trained tensors from
         the folder); a folder holding a llava-hf checkpoint goes to from_llava_hf."""
-        with open(os.path.join(path, "config.json")) as f:
-            saved = json.load(f)
-        if "text_config" in saved:  # a transformers LLaVA checkpoint, e.g. written by merge_to_llava_hf
+        if not os.path.exists(os.path.join(path, "model_config.json")):  # e.g. written by merge_to_llava_hf
             return cls.from_llava_hf(path, device=device, **overrides)
+        with open(os.path.join(path, "model_config.json")) as f:
+            saved = json.load(f)
         names = {f.name for f in fields(ModelConfig)}
         cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
         model = build_model(cfg, device)
