@@ -1,0 +1,309 @@
+"""The published formats (FORMATS.md) -> conversations, with the bad records the loaders must survive."""
+import base64
+import io
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from data import PROMPTS
+
+U, A = "user", "assistant"
+
+
+def chat(*turns):
+    return [{"role": role, "content": text} for role, text in turns]
+
+
+def png(path, value=128, size=(16, 12)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value,) * 3).save(path)
+    return str(path)
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj) if not str(path).endswith(".jsonl") else "\n".join(map(json.dumps, obj)))
+    return str(path)
+
+
+VIDEO = {  # the released shape; timestamps out of order and the known quirks ([02], <02>, "1, 2" keys)
+    "video_id": 17, "video_path": "videos_vpt/v17",
+    "frame_level_caption": [
+        {"timestamp": 2, "frame_name": "00005.jpg", "instance_level": {"1": "A man.", "02": "A dog."},
+         "image_level": "[1] walks behind [02].", "temporal_change": "[2] moves ahead of [1]."},
+        {"timestamp": 1, "frame_name": "00000.jpg", "instance_level": {"1": "A man in a coat.", "2": "A brown dog."},
+         "image_level": "[1] walks [2].", "temporal_change": None}],
+    "video_level_caption": "At <1> [1] walks [2]; at <02> [2] pulls ahead.",
+    "question_answer_pairs": [{"question": "What is [1] wearing at <1>?", "answer": "A coat."},
+                              {"question": "Who leads at <2>?", "answer": "[2] leads [1, 2] notation."}],
+}
+IMAGE = {"image_id": 9, "image_path": "images_vpt/sa_1.jpg",
+         "instance_level_caption": {"1": {"short": "A mug.", "long": "A white mug with a chip."}, "2, 3": "Two pens."},
+         "image_level_caption": "[1] stands left of [2] [3]."}
+
+
+@pytest.fixture
+def instit(tmp_path):
+    png(tmp_path / "videos_vpt/v17/00000.jpg")
+    png(tmp_path / "videos_vpt/v17/00005.jpg")
+    png(tmp_path / "images_vpt/sa_1.jpg")
+    return tmp_path
+
+
+def test_instit_video_record_gives_the_four_conversation_kinds(instit):
+    records = data.load_instit_dataset(write(instit / "video.json", [VIDEO]), str(instit))
+    assert [f["timestamp"] for f in records[0]["frames"]] == [1, 2]
+    samples = {s["id"]: s for s in data.instit_conversations(records[0])}
+    f0, f5 = str(instit / "videos_vpt/v17/00000.jpg"), str(instit / "videos_vpt/v17/00005.jpg")
+    assert sorted(samples) == ["video 17 change <1>-<2>", "video 17 frame <1>", "video 17 frame <2>",
+                               "video 17 qa", "video 17 video"]
+    frame = samples["video 17 frame <1>"]  # kind 1: instance captions, then the image caption
+    assert frame["visuals"] == [{"frames": [f0], "pooled": False}]  # a single image is not pooled
+    assert frame["messages"] == chat((U, "<image>\n" + PROMPTS["instance"]), (A, "[1]: A man in a coat.\n[2]: A brown dog."),
+                                     (U, PROMPTS["image"]), (A, "[1] walks [2]."))
+    assert samples["video 17 frame <2>"]["messages"][3]["content"] == "[1] walks behind [2]."  # [02] -> [2]
+    change = samples["video 17 change <1>-<2>"]  # kind 2: two consecutive frames, pooled
+    assert change["visuals"] == [{"frames": [f0, f5], "pooled": True}]
+    assert change["messages"] == chat((U, "<image>\n" + PROMPTS["temporal"]), (A, "[2] moves ahead of [1]."))
+    video = samples["video 17 video"]  # kind 3
+    assert video["messages"] == chat((U, "<image>\n" + PROMPTS["video"].format(n=2)),
+                                     (A, "At <1> [1] walks [2]; at <2> [2] pulls ahead."))
+    qa = samples["video 17 qa"]  # kind 4: multi-turn, one placeholder
+    assert qa["visuals"][0]["frames"] == [f0, f5]
+    assert qa["messages"] == chat((U, "<image>\nWhat is [1] wearing at <1>?"), (A, "A coat."),
+                                  (U, "Who leads at <2>?"), (A, "[2] leads [1] [2] notation."))
+
+
+def test_instit_image_record_long_captions_and_multi_instance_keys(instit):
+    records = data.load_instit_dataset(write(instit / "image.json", [IMAGE]), str(instit))
+    (sample,) = data.instit_conversations(records[0])
+    assert sample["id"] == "image 9 frame <1>"
+    assert sample["messages"][1]["content"] == "[1]: A white mug with a chip.\n[2] [3]: Two pens."
+    assert sample["messages"][3]["content"] == "[1] stands left of [2] [3]."
+
+
+def test_instit_masked_release_draws_marks_and_checks_ids(instit, caplog):
+    boxes = {"1": {"mask": {"size": [12, 16], "counts": [0, 192]}}, "2": {"box": [0, 0, 4, 4]}}
+    record = dict(IMAGE, instance_level_caption={"1": "A mug.", "2": "A pen."}, image_level_caption="[1] near [2].",
+                  segmentations=boxes)
+    unmarked = dict(record, image_id=10, image_level_caption="[1] near [5].")  # [5] has no mask
+    records = data.load_instit_dataset(write(instit / "masked.json", [record, unmarked]), str(instit))
+    with caplog.at_level(logging.WARNING):
+        samples = [s for r in records for s in data.instit_conversations(r, draw_marks=True)]
+    assert [s["id"] for s in samples] == ["image 9 frame <1>"]
+    assert "masked.json: record image 10: frame <1> conversation names [5], not marked on its frames" in caplog.text
+    assert samples[0]["visuals"][0]["marks"] == [boxes]
+    cfg = data.ModelConfig(image_size=32, patch_size=8)
+    raw = np.array(data.open_image(samples[0]["visuals"][0]["frames"][0]))
+    marked = np.array(data.load_visual(samples[0]["visuals"][0], cfg)[0])
+    assert (marked != raw).any(-1).mean() > 0.2  # marks drawn at load time
+
+
+def test_instit_bad_records_are_reported_and_skipped(instit, caplog):
+    missing_frame = dict(VIDEO, video_id=18, frame_level_caption=[dict(VIDEO["frame_level_caption"][1], frame_name="00009.jpg")])
+    bad_qa = dict(VIDEO, video_id=19, question_answer_pairs=[{"question": "Where?"}])
+    bad_time = dict(VIDEO, video_id=20, frame_level_caption=[dict(VIDEO["frame_level_caption"][0], timestamp="two")])
+    file = write(instit / "mixed.json", [VIDEO, missing_frame, 42, bad_qa, {"video_id": 21}, bad_time, IMAGE])
+    with caplog.at_level(logging.WARNING):
+        records = data.load_instit_dataset(file, str(instit))
+    assert [r["id"] for r in records] == ["video 17", "image 9"]
+    text = caplog.text
+    assert f"{file}: record #1 (video_id 18): frame_level_caption[0].frame_name: " in text
+    assert "videos_vpt/v17/00009.jpg not found" in text
+    assert "record #2: record: expected a JSON object, got int" in text
+    assert "record #3 (video_id 19): question_answer_pairs[0].answer: missing" in text
+    assert "record #4 (video_id 21): image_path: missing" in text
+    assert "frame_level_caption[0].timestamp: expected an integer, got 'two'" in text
+    assert "skipped 5 of 7 records" in text
+
+
+def test_normalize_text_quirks():
+    assert data.normalize_text("[01] and [3, 4, 5] at <05>; <0> stays") == "[1] and [3] [4] [5] at <5>; <0> stays"
+    assert data.instance_key("01") == "1" and data.instance_key("1, 2") == "1,2"
+
+
+@pytest.fixture
+def bench(tmp_path):
+    png(tmp_path / "images/a.jpg")
+    (tmp_path / "videos/v1").mkdir(parents=True)
+    png(tmp_path / "videos/v1/0.jpg")
+    mc = {"question_id": "001-01", "question": "What is [02] doing?", "answer": "B", "image": "images/a.jpg",
+          **{f"choice_{c}": f"option {c}" for c in "abcd"}}
+    write(tmp_path / "image_multi_choices.json", [
+        mc, dict(mc, question_id="001-02", answer="option c"), dict(mc, question_id="001-03", answer="E")])
+    write(tmp_path / "image_open_ended.json", [{"question_id": "001-01", "question": "What is [2] doing?",
+                                                "answer": "[2] takes notes.", "image": "images/a.jpg"}])
+    write(tmp_path / "video_multi_choice.jsonl", [{"question_id": 5, "question": "When?", "answer": "(d)",
+                                                   "video_path": "videos/v1",
+                                                   "options": {"A": "<1>", "B": "<2>", "C": "<3>", "D": "<4>"}}])
+    return tmp_path
+
+
+def test_bench_both_shapes_splits_and_answers(bench, caplog):
+    with caplog.at_level(logging.WARNING):
+        questions = data.load_instit_bench(str(bench))
+    by = {(q["split"], q["question_id"]): q for q in questions}
+    assert sorted(by) == [("image_mc", "001-01"), ("image_mc", "001-02"), ("image_oe", "001-01"), ("video_mc", "5")]
+    mc = by[("image_mc", "001-01")]
+    assert mc["options"] == {"A": "option a", "B": "option b", "C": "option c", "D": "option d"}
+    assert mc["answer"] == "B" and mc["question"] == "What is [2] doing?"
+    assert mc["media"] == str(bench / "images/a.jpg")
+    assert by[("image_mc", "001-02")]["answer"] == "C"  # the option's text -> its letter
+    assert by[("image_oe", "001-01")]["options"] is None and by[("image_oe", "001-01")]["answer"] == "[2] takes notes."
+    video = by[("video_mc", "5")]
+    assert video["answer"] == "D" and video["media"] == str(bench / "videos/v1")
+    assert "record #2 (question_id 001-03): answer: 'E' is neither an option letter" in caplog.text
+    assert {q["split"] for q in data.load_instit_bench(str(bench), splits=["video_multi_choice", "image_oe"])} == {
+        "video_mc", "image_oe"}
+    with pytest.raises(ValueError, match="unknown bench split.*image_xx"):
+        data.load_instit_bench(str(bench), splits=["image_xx"])
+    records = [{"question_id": "1", "question": "Q?", "answer": "A", "options": ["x", "y", "z", "w"],
+                "image": Image.new("RGB", (4, 4))}]  # records as a `datasets` split yields them
+    (q,) = data.load_instit_bench(records)
+    assert q["split"] == "image_mc" and q["options"]["D"] == "w" and isinstance(q["media"], Image.Image)
+
+
+def test_llava_format(tmp_path, caplog):
+    png(tmp_path / "coco/1.jpg")
+    png(tmp_path / "coco/2.jpg")
+    (tmp_path / "clips").mkdir()
+    turn = lambda who, text: {"from": who, "value": text}
+    records = [
+        {"id": "text", "conversations": [turn("human", "Hi?"), turn("gpt", "Hello.")]},
+        {"id": "one", "image": "coco/1.jpg", "conversations": [turn("human", "<image>\nWhat?"), turn("gpt", "A cup.")]},
+        {"id": "two", "image": ["coco/1.jpg", "coco/2.jpg"],
+         "conversations": [turn("human", "<image> vs <image>?"), turn("gpt", "Same.")]},
+        {"id": "vid", "video": "clips", "conversations": [turn("human", "What happens?"), turn("gpt", "Nothing.")]},
+        {"id": "bad", "image": "coco/1.jpg", "conversations": [turn("human", "<image><image>?"), turn("gpt", "x")]},
+        {"id": "who", "conversations": [turn("robot", "?"), turn("gpt", "x")]},
+    ]
+    with caplog.at_level(logging.WARNING):
+        samples = {s["id"]: s for s in data.load_llava(write(tmp_path / "llava.json", records))}
+    assert sorted(samples) == ["one", "text", "two", "vid"]
+    assert samples["text"]["visuals"] == [] and samples["text"]["messages"] == chat((U, "Hi?"), (A, "Hello."))
+    assert samples["one"]["visuals"] == [{"frames": [str(tmp_path / "coco/1.jpg")], "pooled": False}]
+    assert [v["pooled"] for v in samples["two"]["visuals"]] == [True, True]  # several visuals are pooled
+    assert samples["vid"]["visuals"] == [{"video": str(tmp_path / "clips"), "pooled": True}]
+    assert samples["vid"]["messages"][0]["content"] == "<image>\nWhat happens?"  # placeholder added
+    assert "record #4 (id bad): conversations: 2 <image> placeholders for 1 images/videos" in caplog.text
+    assert "record #5 (id who): conversations[0].from: unknown speaker 'robot'" in caplog.text
+
+
+def b64png(value):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (value,) * 3).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_mimicit_in_context_sequences(tmp_path, caplog):
+    instructions = {"meta": {"version": "0.0.1"}, "data": {
+        "SD_INS_1": {"instruction": "What differs?", "answer": "The cup moved.", "image_ids": ["a1", "a2"],
+                     "rel_ins_ids": ["SD_INS_2"]},
+        "SD_INS_2": {"instruction": "Any change?", "answer": "No.", "image_ids": ["b1"], "rel_ins_ids": []},
+        "SD_INS_3": {"instruction": "Broken?", "answer": "x", "image_ids": ["zz"], "rel_ins_ids": []}}}
+    images = {"a1": b64png(10), "a2": b64png(20), "b1": b64png(30)}
+    ins, img = write(tmp_path / "SD_instructions.json", instructions), write(tmp_path / "SD.json", images)
+    with caplog.at_level(logging.WARNING):
+        samples = {s["id"]: s for s in data.load_mimicit(ins, img)}
+    assert sorted(samples) == ["SD_INS_1", "SD_INS_2"]
+    query = samples["SD_INS_1"]  # the in-context example first, then the query
+    assert query["messages"] == chat((U, "<image>\nAny change?"), (A, "No."), (U, "<image>\nWhat differs?"), (A, "The cup moved."))
+    assert [len(v["frames"]) for v in query["visuals"]] == [1, 2] and all(v["pooled"] for v in query["visuals"])
+    assert data.open_image(query["visuals"][1]["frames"][1]).getpixel((0, 0)) == (20, 20, 20)
+    assert samples["SD_INS_2"]["visuals"][0]["pooled"] is False  # one image alone
+    assert "record SD_INS_3: SD_INS_3.image_ids: image zz not in" in caplog.text
+    config = write(tmp_path / "train_config.json", {"SD_INS_2": ["SD_INS_1"]})
+    (only,) = data.load_mimicit(ins, img, train_config=config)
+    assert only["id"] == "SD_INS_2" and len(only["visuals"]) == 2
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pyarrow"):
+            data.load_mimicit(ins, str(tmp_path / "SD.parquet"))
+
+
+TEMPLATES = {"grounded_VQA": [f"T{k}: {{question}} in {{region}}" for k in range(5)],
+             "image_caption": ["Caption it.", "Describe.", "What is shown?", "Tell me.", "Say it."]}
+
+
+def test_multiinstruct_templates_drawn_per_instance_with_a_seed(tmp_path, caplog):
+    png(tmp_path / "img/1.jpg")
+    rec = {"unique_id": "v7w_1", "task_name": "grounded_VQA", "image_path": "img/1.jpg", "region": ["144 358 318 598"],
+           "question": "Which item is the chair?", "options": ["3 8 43 537", "144 358 318 598"],
+           "target_txt": "144 358 318 598"}
+    records = [dict(rec, unique_id=f"v7w_{i}") for i in range(300)]
+    records += [{"unique_id": "u1", "task_name": "unseen_task", "image_path": "img/1.jpg", "target_txt": "x"},
+                {"unique_id": "u2", "task_name": "grounded_VQA", "image_path": "img/1.jpg", "target_txt": "x"}]
+    file = write(tmp_path / "train.jsonl", records)
+    with open(file, "a") as f:
+        f.write('\n{"unique_id": "cut off", "task_na')
+    with caplog.at_level(logging.WARNING):
+        samples = data.load_multiinstruct(file, TEMPLATES, seed=3)
+    assert len(samples) == 300
+    assert "record #300 (unique_id u1): task_name: no instruction templates for task 'unseen_task'" in caplog.text
+    assert "record #301 (unique_id u2): question: template" in caplog.text
+    assert "train.jsonl:303: not valid JSON" in caplog.text and "skipped 3 of 303 records" in caplog.text
+    first = samples[0]["messages"]
+    k = first[0]["content"][len("<image>\nT")]
+    assert first[0]["content"] == (f"<image>\nT{k}: Which item is the chair? in 144 358 318 598"
+                                   "\n\n[Options]: 3 8 43 537||||144 358 318 598")
+    assert first[1]["content"] == "144 358 318 598" and samples[0]["visuals"][0]["pooled"] is False
+    drawn = Counter(s["messages"][0]["content"][len("<image>\nT")] for s in samples)
+    assert sorted(drawn) == list("01234") and min(drawn.values()) > 35  # uniform over the five
+    again = data.load_multiinstruct(file, TEMPLATES, seed=3)
+    other = data.load_multiinstruct(file, TEMPLATES, seed=4)
+    assert [s["messages"] for s in again] == [s["messages"] for s in samples]
+    assert [s["messages"] for s in other] != [s["messages"] for s in samples]
+    fixed = data.load_multiinstruct(file, write(tmp_path / "t.json", TEMPLATES), template_index=2)
+    assert all(s["messages"][0]["content"].startswith("<image>\nT2: ") for s in fixed)
+
+
+def test_natural_instructions_task_file(tmp_path):
+    task = {"Definition": ["Answer with the capital of the country."],
+            "Positive Examples": [{"input": "France", "output": "Paris", "explanation": "."},
+                                  {"input": "Peru", "output": "Lima"}, {"input": "Chad", "output": "N'Djamena"}],
+            "Instances": [{"id": "task1-1", "input": "Japan", "output": ["Tokyo"]}, {"id": "task1-2", "input": "Mali"}]}
+    (tmp_path / "tasks").mkdir()
+    write(tmp_path / "tasks/task001.json", task)
+    samples = data.load_natural_instructions(str(tmp_path / "tasks"))
+    assert len(samples) == 1 and samples[0]["visuals"] == []
+    assert samples[0]["messages"] == chat((U, "Answer with the capital of the country.\n\nPositive example 1:\n"
+                                              "Input: France\nOutput: Paris\n\nPositive example 2:\nInput: Peru\n"
+                                              "Output: Lima\n\nNow complete the following example.\nInput: Japan\nOutput:"),
+                                          (A, "Tokyo"))
+
+
+def test_load_conversations_reads_each_format_by_its_shape(tmp_path, instit):
+    png(tmp_path / "img/1.jpg")
+    assert len(data.load_conversations(write(instit / "v.json", [VIDEO]))) == 5  # media root: the file's folder
+    llava = [{"id": "1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    assert data.load_conversations(write(tmp_path / "l.json", llava))[0]["id"] == "1"
+    ni = {"Definition": ["D"], "Instances": [{"id": "x", "input": "i", "output": ["o"]}]}
+    assert data.load_conversations(write(tmp_path / "ni.json", ni))[0]["messages"][1]["content"] == "o"
+    mi = [{"unique_id": "m", "task_name": "image_caption", "image_path": "img/1.jpg", "target_txt": "t"}]
+    assert data.load_conversations(write(tmp_path / "m.jsonl", mi), templates=TEMPLATES)[0]["id"] == "m"
+    with pytest.raises(ValueError, match="needs its instruction templates"):
+        data.load_conversations(str(tmp_path / "m.jsonl"))
+    with pytest.raises(ValueError, match="not a format data.py reads"):
+        data.load_conversations(write(tmp_path / "x.json", [{"foo": 1}]))
+
+
+def test_instit_masked_video_marks_every_frame_with_the_same_colour(instit, caplog):
+    masks = {"00000.jpg": {"1": {"mask": {"size": [12, 16], "counts": [24, 48, 120]}}, "2": {"box": [10, 0, 16, 6]}},
+             "00005.jpg": {"1": {"box": [4, 2, 12, 10]}, "02": {"box": [10, 0, 16, 6]}}}
+    record = dict(VIDEO, segmentations=masks)
+    half = dict(VIDEO, video_id=18, segmentations={"00000.jpg": masks["00000.jpg"]})
+    with caplog.at_level(logging.WARNING):
+        records = data.load_instit_dataset(write(instit / "masked_video.json", [record, half]), str(instit))
+    assert [r["id"] for r in records] == ["video 17"]
+    assert "record #1 (video_id 18): segmentations.00005.jpg: no masks for this annotated frame" in caplog.text
+    samples = {s["id"]: s for s in data.instit_conversations(records[0], draw_marks=True)}
+    video = samples["video 17 video"]["visuals"][0]
+    assert [sorted(m) for m in video["marks"]] == [["1", "2"], ["1", "2"]]  # "02" -> "2"
+    frames = [np.array(f) for f in data.load_visual(video, data.ModelConfig(image_size=32, patch_size=8))]
+    for frame in frames:  # contour and label box of each ID in its own colour, on every frame
+        assert all((frame == data.id_colour(i)).all(-1).sum() >= 6 for i in (1, 2))
