@@ -435,9 +435,11 @@ class LlavaStyleModel(nn.Module):
         self.tokenizer.save_pretrained(out_dir)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
+    def from_pretrained(cls, path: str, device: str | None = None, strict: bool = True,
+                        **overrides) -> "LlavaStyleModel":
         """Rebuild from a save_pretrained folder (base weights from the config's paths, trained tensors from
-        the folder); a folder holding a llava-hf checkpoint goes to from_llava_hf."""
+        the folder); a folder holding a llava-hf checkpoint goes to from_llava_hf. `overrides` change the
+        config (e.g. a later training stage); strict=False lets parameters the folder lacks start fresh."""
         if not os.path.exists(os.path.join(path, "model_config.json")):  # e.g. written by merge_to_llava_hf
             return cls.from_llava_hf(path, device=device, **overrides)
         with open(os.path.join(path, "model_config.json")) as f:
@@ -445,19 +447,22 @@ class LlavaStyleModel(nn.Module):
         names = {f.name for f in fields(ModelConfig)}
         cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
         model = build_model(cfg, device)
-        model.load_trained(os.path.join(path, "trained.safetensors"))
+        model.load_trained(os.path.join(path, "trained.safetensors"), strict)
         return model
 
-    def load_trained(self, file: str):
-        """Load trained tensors; their names must be exactly this model's trainable parameters."""
+    def load_trained(self, file: str, strict: bool = True):
+        """Load trained tensors. strict: their names must be exactly this model's trainable parameters;
+        otherwise each must name a parameter of this model, and trainable ones it lacks keep their init."""
         from safetensors.torch import load_file
 
         state = load_file(file, device=str(self.device))
         params = dict(self.named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
-        if set(state) != expected:
-            raise ValueError(f"{file}: trained tensors do not match the config (missing "
-                             f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+        missing = expected - set(state)
+        unexpected = set(state) - (expected if strict else set(params))
+        if unexpected or (strict and missing):
+            raise ValueError(f"{file}: trained tensors do not fit this model's config (missing "
+                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)

@@ -1,0 +1,339 @@
+r"""Continuous SFT of the LLaVA-style model (INST-IT 2.4, 3.1, Tab. 6), one GPU to many via accelerate.
+
+    python train.py --stage continuous --llava-checkpoint llava-hf/llava-1.5-7b-hf --load-in-4bit \
+        --data inst_it_dataset_video_21k.json:0.5 --data llava_v1_5_mix665k.json:0.5 --out runs/instit
+    accelerate launch train.py ...        # several GPUs (DDP; FSDP/DeepSpeed via accelerate config)
+
+A plain loop you can step through: build the model for the stage, load the data mixture, then for each
+optimizer step accumulate micro-batches, clip, step, log, and checkpoint. A checkpoint holds trained
+weights, optimizer, scheduler, RNG states and the data position, so `--resume` continues exactly.
+"""
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from model import LlavaStyleModel, ModelConfig, build_model
+
+# Stages are presets of ModelConfig fields, not code paths (INST-IT 3.1; MultiInstruct's sequential
+# tuning is a stage run with --init-from an earlier run). Flags given explicitly override a preset.
+STAGES = {
+    "align": dict(lm_training="frozen", trainable_vision_layers=0),   # projector only (LLaVA stage 1)
+    "sft": dict(lm_training="lora", trainable_vision_layers=0),       # projector + LoRA, vision frozen
+    "continuous": dict(lm_training="lora", trainable_vision_layers=12),  # INST-IT: + last 12 vision layers
+}
+
+
+@dataclass
+class TrainConfig:
+    """The training knobs. Learning rates follow LLaVA(-NeXT)'s LoRA recipe; INST-IT's values elsewhere."""
+    data: list = field(default_factory=list)  # "path:ratio" sources, mixed by ratio
+    media_root: str = "."                     # images / videos are found under this folder
+    stage: str = "continuous"
+    init_from: str | None = None              # a previous run's final/ or checkpoint folder
+    out: str = "runs/train"
+    resume: bool = False                      # continue from the latest checkpoint in --out
+    lr: float = 2e-4                          # language model (LoRA) learning rate
+    projector_lr: float = 2e-5
+    vision_lr: float = 2e-6                   # the trained vision tail learns 10x slower (LLaVA-NeXT)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03                # cosine schedule with linear warmup
+    batch_size: int = 1                       # per device, per micro-step
+    grad_accum: int = 8
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = 0                        # > 0 overrides epochs
+    max_length: int = 6144                    # INST-IT's 6K context
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 1
+    save_every: int = 500
+    compile: bool = False
+    report_to: str | None = None              # "tensorboard" or "wandb", through accelerate
+    demo: bool = False                        # the synthetic world of the README's `make demo`
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration from the command line and a JSON file.
+
+def parse_args(argv=None) -> tuple[TrainConfig, dict]:
+    """CLI -> (TrainConfig, ModelConfig overrides). Every field of both dataclasses is a flag; --config
+    FILE.json gives defaults that explicit flags override; the stage preset fills the rest."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON file with any of the fields below")
+    model_fields = [f for f in fields(ModelConfig) if f.name not in ("image_size", "patch_size", "has_cls",
+                                                                     "image_mean", "image_std")]
+    for f in fields(TrainConfig) + tuple(model_fields):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if f.type in (bool, int, float) else str
+        if f.name == "data":
+            p.add_argument(flag, action="append", default=None, metavar="PATH:RATIO")
+        elif kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {f.default})")
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"(default: {f.default})")
+    args = vars(p.parse_args(argv))
+    given = json.load(open(args.pop("config"))) if args.get("config") else {}
+    given.update({k: v for k, v in args.items() if v is not None})
+    train_names = {f.name for f in fields(TrainConfig)}
+    unknown = set(given) - train_names - {f.name for f in model_fields}
+    if unknown:
+        raise SystemExit(f"unknown config fields: {sorted(unknown)}")
+    cfg = TrainConfig(**{k: v for k, v in given.items() if k in train_names})
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"--stage must be one of {list(STAGES)}, got {cfg.stage!r}")
+    model_overrides = {**STAGES[cfg.stage], **{k: v for k, v in given.items() if k not in train_names}}
+    parse_sources(cfg.data)  # fail on a bad path or ratio before any model is loaded
+    return cfg, model_overrides
+
+
+def parse_sources(specs: list[str]) -> list[tuple[str, float]]:
+    """["a.json:0.7", "b.json:0.3"] -> [(path, ratio)]; ratios are normalised to sum to 1."""
+    sources = []
+    for spec in specs:
+        path, sep, ratio = spec.rpartition(":")
+        if not sep:
+            path, ratio = spec, "1"
+        try:
+            weight = float(ratio)
+        except ValueError:
+            raise SystemExit(f"--data {spec!r}: ratio {ratio!r} is not a number (use PATH:RATIO, e.g. a.json:0.5)")
+        if weight <= 0:
+            raise SystemExit(f"--data {spec!r}: ratio must be positive")
+        if not os.path.exists(path):
+            raise SystemExit(f"--data {spec!r}: {path} does not exist")
+        sources.append((path, weight))
+    total = sum(w for _, w in sources)
+    return [(p, w / total) for p, w in sources]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and data.
+
+def load_model(cfg: TrainConfig, overrides: dict, device) -> LlavaStyleModel:
+    """The stage's model: from an earlier run (--init-from), a llava-hf checkpoint, or composed parts."""
+    if cfg.init_from:
+        return LlavaStyleModel.from_pretrained(cfg.init_from, device=device, strict=False, **overrides)
+    if overrides.get("llava_checkpoint"):
+        return LlavaStyleModel.from_llava_hf(overrides.pop("llava_checkpoint"), device=device, **overrides)
+    return build_model(ModelConfig(**overrides), device)
+
+
+def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str, float]], num_shards=1):
+    """Load each source (data.load_conversations reads the format from the file), wrap it lazily
+    (data.InstructionDataset) and mix them by ratio with batches grouped by length (data.MixtureSampler)."""
+    import data
+
+    datasets = []
+    for path, _ in sources:
+        samples = data.load_conversations(path, cfg.media_root, max_frames=model.cfg.max_frames, seed=cfg.seed)
+        if not samples:
+            raise SystemExit(f"--data {path}: no usable samples")
+        datasets.append(data.InstructionDataset(samples, model.tokenizer, model.cfg, cfg.max_length))
+    sampler = data.MixtureSampler([d.lengths() for d in datasets], [r for _, r in sources],
+                                  cfg.batch_size * num_shards, seed=cfg.seed)
+    print(f"data: {sum(map(len, datasets))} samples from {len(sources)} sources; one pass = {len(sampler)} "
+          f"batches; estimated padded fraction {sampler.padded_fraction(itertools.islice(sampler, 200)):.1%}")
+    return torch.utils.data.ConcatDataset(datasets), sampler
+
+
+def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, world=1):
+    """Endless stream of micro-batches from number `start` on: the sampler's stream is a pure function of
+    its seed, so resuming skips indices without loading them. Each process takes every world-th sample of
+    a global batch. A batch whose samples were all dropped (too long) comes out as None."""
+    import data
+
+    def collate(samples):
+        batch = data.collate(samples, pad_token_id)
+        return batch and {**batch, "ids": [s["id"] for s in samples if s is not None]}
+
+    order = (batch[rank::world] for batch in itertools.islice(sampler.stream(), start, None))
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=num_workers,
+                                            generator=torch.Generator().manual_seed(0)))  # never the global RNG
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to 0 (LLaVA's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue exactly.
+
+def save_checkpoint(directory, model, optimizer, step, micro_batches, rng_generator_states):
+    """Trained weights (model.save_pretrained) + optimizer, step, data position and RNG states."""
+    tmp = directory + ".tmp"
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "micro_batches": micro_batches,
+                "rng": rng_generator_states}, os.path.join(tmp, "train_state.pt"))
+    if os.path.exists(directory):
+        import shutil
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)  # a kill mid-save never leaves a half-written checkpoint
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def truncate_metrics(path: str, step: int):
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    if os.path.exists(path):
+        rows = [line for line in open(path) if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    steps = [d for d in os.listdir(out) if d.startswith("checkpoint-") and not d.endswith(".tmp")] if os.path.isdir(out) else []
+    return os.path.join(out, max(steps, key=lambda d: int(d.split("-")[1]))) if steps else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop.
+
+def train(cfg: TrainConfig, overrides: dict) -> dict:
+    """Run one stage; returns {"step", "loss", "out"}. Writes metrics.jsonl, checkpoints and final/."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    sources = parse_sources(cfg.data)
+    if not sources:
+        raise SystemExit("no --data given (or use --demo)")
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                              log_with=cfg.report_to, project_dir=cfg.out)
+    torch.manual_seed(cfg.seed)
+    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    if resume_from:  # rebuild the same model, then load its trained tensors
+        model = LlavaStyleModel.from_pretrained(resume_from, device=accelerator.device)
+    else:
+        model = load_model(cfg, overrides, accelerator.device)
+    dataset, sampler = build_data(cfg, model, sources, accelerator.num_processes)
+    groups = model.parameter_groups()
+    lrs = {"projector": cfg.projector_lr, "vision": cfg.vision_lr, "language": cfg.lr}
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
+                                  weight_decay=cfg.weight_decay)
+    total = cfg.max_steps or max(1, int(cfg.epochs * len(sampler) / cfg.grad_accum))
+    warmup = int(cfg.warmup_ratio * total)
+    step = micro = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, micro = state["step"], state["micro_batches"]
+    # The schedule counts from the resumed step, so the learning rate continues where it stopped.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, start=step: cosine_with_warmup(start + s, total, warmup))
+    if resume_from:
+        set_rng_states(state["rng"])
+        truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)
+    wrapped = accelerator.prepare(torch.compile(model) if cfg.compile else model)
+    os.makedirs(cfg.out, exist_ok=True)
+    if accelerator.is_main_process:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)}, f, indent=1)
+    if cfg.report_to:
+        accelerator.init_trackers("inst-it", config=dataclasses.asdict(cfg))
+
+    stop = {"signal": None}  # SIGINT/SIGTERM: finish the step, save, exit cleanly
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    stream = batches(dataset, sampler, model.tokenizer.pad_token_id, cfg.num_workers, micro,
+                     accelerator.process_index, accelerator.num_processes)
+    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", disable=not accelerator.is_main_process)
+    model.train()
+    loss_value = float("nan")
+    while step < total and stop["signal"] is None:
+        start, tokens, padded, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for i in range(cfg.grad_accum):
+            batch = next(stream)
+            micro += 1
+            if batch is None:
+                continue
+            sample_ids = batch.pop("ids")
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum())
+            padded += int((batch["attention_mask"] == 0).sum())
+            sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
+            with sync, accelerator.autocast():
+                loss = wrapped(**batch).loss
+                if not torch.isfinite(loss):
+                    raise SystemExit(f"non-finite loss {loss.item()} at step {step + 1}, micro-batch {i} "
+                                     f"(samples {sample_ids}); the last good checkpoint is in {cfg.out}")
+                accelerator.backward(loss / cfg.grad_accum)
+            loss_sum += loss.item() / cfg.grad_accum
+        grad_norm = accelerator.clip_grad_norm_([p for ps in groups.values() for p in ps], cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss_sum
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if log_file and (step % cfg.log_every == 0 or step == total):
+            seconds = time.perf_counter() - start
+            record = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[-1],
+                      "grad_norm": float(grad_norm), "tokens_per_s": tokens * accelerator.num_processes / seconds,
+                      "padded_fraction": padded / (tokens + padded),
+                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if cfg.report_to:
+                accelerator.log(record, step=step)
+        if accelerator.is_main_process and (step % cfg.save_every == 0 or stop["signal"] is not None):
+            save_checkpoint(os.path.join(cfg.out, f"checkpoint-{step}"), model, optimizer, step, micro, rng_states())
+    bar.close()
+    if accelerator.is_main_process:
+        if stop["signal"] is not None:
+            print(f"stopped by signal {stop['signal']} at step {step}; --resume continues", file=sys.stderr)
+        else:
+            model.save_pretrained(os.path.join(cfg.out, "final"))
+            plot_loss(cfg.out)
+    if cfg.report_to:
+        accelerator.end_training()
+    return {"step": step, "loss": loss_value, "out": cfg.out}
+
+
+def plot_loss(out: str):
+    """metrics.jsonl -> loss.png (skipped, with a note, when matplotlib is not installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no loss.png (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=os.path.basename(os.path.abspath(out)))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg, overrides = parse_args(argv)
+    return train(cfg, overrides)
+
+
+if __name__ == "__main__":
+    main()
