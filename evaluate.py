@@ -1,0 +1,443 @@
+"""The INST-IT Bench scorer (INST-IT 3.2, App. B) and MultiInstruct's Sensitivity (MultiInstruct 5.1).
+
+    python evaluate.py run --model DIR_OR_ID --bench PATH --splits image_mc,video_oe --out DIR
+    python evaluate.py score --predictions P.jsonl --mode mc --out S.json
+    python evaluate.py instructions --model DIR --tasks multiinstruct.jsonl --out DIR
+
+Multiple choice: the letter a free-form answer chose (`extract_choice`); an answer with no letter counts
+as wrong and is counted (the official scorer drops it from the denominator, which inflates scores).
+Open-ended: an LLM judge scores 0..1 against the reference through annotate.py's client, cached; without
+a judge, an offline proxy (token F1 x [ID] agreement) is reported under its own name.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+
+SPLITS = {"image_mc": "image_multi_choice", "image_oe": "image_open_ended",
+          "video_mc": "video_multi_choice", "video_oe": "video_open_ended"}
+# INST-IT paper, Table 2: image OE / image MC / video OE / video MC (None: not reported).
+PUBLISHED = {
+    "GPT-4o": (74.1, 84.8, 65.5, 81.0),
+    "LLaVA-NeXT-7B": (46.0, 42.4, None, None),
+    "LLaVA-NeXT-Video-7B": (46.5, 39.5, 25.8, 24.8),
+    "INST-IT (Vicuna-7B)": (68.6, 63.0, 49.3, 42.1),
+    "INST-IT (Qwen2-7B)": (67.9, 75.3, 45.7, 53.3),
+}
+PUBLISHED_ORDER = ("image_oe", "image_mc", "video_oe", "video_mc")
+MC_RANDOM = 25.0
+
+# ---------------------------------------------------------------------------------------------------
+# Multiple choice: which letter did a free-form answer choose?
+
+_L = r"\(?\**([A-Za-z])\**\)?"  # a letter, maybe in parentheses or bold
+# Patterns in order of trust; within one pattern the last match wins ("A? No: the answer is B").
+_CHOICE_PATTERNS = [
+    rf"answer\s*(?:is|would be|:)\s*(?:option\s*|choice\s*)?:?\s*{_L}(?![A-Za-z])",  # the (best) answer is: B
+    rf"^\s*{_L}\s*(?:[.):]|$)",                                  # leading "B." "B)" "(B)" "B:" or a bare letter
+    rf"\b(?:so|therefore|thus|hence)\s*,?\s*(?:it\s*is\s*|it's\s*)?{_L}(?![A-Za-z])",
+    rf"\b(?:option|choice)\s*{_L}(?![A-Za-z])",                   # Option B, choice (c)
+    r"\*\*\(?([A-Za-z])\)?[.):]?\*\*",                            # **B**
+    r"\(([A-Za-z])\)",                                            # (B) anywhere
+]
+
+
+def _normalise(text: str) -> str:
+    """Lowercase words, punctuation dropped, padded with spaces so `in` matches whole words."""
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+_REFERS_TO_LETTER = {"or", "and", "is", "seems", "looks", "because", "would", "could", "might", "was", "fits"}
+
+
+def _is_article(text: str, m: re.Match) -> bool:
+    """Is the matched letter the article "a"/"A" (or any lowercase letter) followed by a word, as in
+    "A person ..." or "is a dog"? "A or B", "B is correct" refer to options."""
+    letter, word = m.group(1), re.match(r"\**\)?\s+([a-z]+)", text[m.end(1):])
+    return bool(word) and (letter.islower() or letter == "A") and word.group(1) not in _REFERS_TO_LETTER
+
+
+def extract_choice(response: str, options) -> str | None:
+    """Free-form answer -> the option letter it chose, or None (INST-IT Bench MC; options A-D).
+
+    `options`: letters ("ABCD" or a list) or a dict letter -> option text. A lowercase letter counts only
+    where it cannot be an article ("the answer is a dog" chose nothing); an uppercase "A" followed by a
+    lowercase word is the article "A person", never option A. Letters outside the options give None.
+    """
+    letters = [o.upper() for o in options]
+    texts = options if isinstance(options, dict) else {}
+    text = (response or "").strip()
+    if not text:
+        return None
+    for pattern in _CHOICE_PATTERNS:
+        for m in reversed(list(re.finditer(pattern, text, flags=re.IGNORECASE | re.MULTILINE))):
+            if not _is_article(text, m):
+                return m.group(1).upper() if m.group(1).upper() in letters else None
+    said = _normalise(text)  # an answer that only repeats one option's text
+    repeated = [k.upper() for k, v in texts.items() if v.strip() and _normalise(v) in said]
+    if len(repeated) == 1:
+        return repeated[0]
+    standalone = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)
+                  if not _is_article(text, m)}
+    return standalone.pop() if len(standalone) == 1 and standalone <= set(letters) else None
+
+
+def score_mc(predictions: list[dict]) -> dict:
+    """Records with model_prediction, ground_truth (letter) and optional options -> {score, total, unparsed}.
+    An answer with no extractable letter is wrong and counted in `unparsed`."""
+    correct = unparsed = 0
+    for p in predictions:
+        choice = extract_choice(p["model_prediction"], p.get("options") or "ABCD")
+        unparsed += choice is None
+        correct += choice == str(p["ground_truth"]).strip().upper()
+    total = len(predictions)
+    return {"score": 100 * correct / total if total else 0.0, "total": total, "unparsed": unparsed}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Open-ended: the offline proxy (the LLM judge is below).
+
+def _ids(text: str) -> set:
+    return {int(i) for i in re.findall(r"\[(\d+)\]", text)}
+
+
+def oe_proxy(prediction: str, reference: str) -> float:
+    """Offline stand-in for the judge, reported as "oe_proxy", never as the judge score: token F1 of
+    prediction vs reference, times the Jaccard agreement of the [IDs] they name (1 when neither names any)."""
+    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
+    common = sum((Counter(pred) & Counter(ref)).values())
+    f1 = 0.0 if not common else 2 * common / (len(pred) + len(ref))
+    a, b = _ids(prediction), _ids(reference)
+    return f1 * (len(a & b) / len(a | b) if a | b else 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sensitivity (MultiInstruct 5.1).
+
+def sensitivity(scores: dict) -> float:
+    """{task: [score under instruction 1, 2, ...]} -> mean over tasks of population std / mean; lower is
+    better (a model whose score does not move when the instruction is reworded)."""
+    if not scores:
+        raise ValueError("sensitivity: no tasks given")
+    ratios = []
+    for task, values in scores.items():
+        if not values:
+            raise ValueError(f"sensitivity: task {task!r} has no scores")
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        ratios.append(std / mean if mean else 0.0)
+    return sum(ratios) / len(ratios)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Predictions files (the official shape) and re-scoring.
+
+PREDICTION_FIELDS = ("question_id", "model_prediction", "ground_truth")
+
+
+def load_predictions(path: str) -> list[dict]:
+    """A predictions file (JSONL, a JSON list, or {"predictions": [...]}) in the official shape:
+    question_id, question, model_prediction, ground_truth[, split]. Missing fields are an error."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        records = json.loads(text)
+        records = records.get("predictions", records) if isinstance(records, dict) else records
+    except json.JSONDecodeError:
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: neither JSON nor JSONL ({e})")
+    if not isinstance(records, list) or not records:
+        raise SystemExit(f"{path}: no predictions found")
+    for i, r in enumerate(records):
+        missing = [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise SystemExit(f"{path}: record {i} (question_id {r.get('question_id', '?') if isinstance(r, dict) else r!r}) "
+                             f"lacks {missing}; expected fields {PREDICTION_FIELDS}")
+    return records
+
+
+def write_json(path: str, obj):
+    """Write atomically: a killed run never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def plot_scores(summary: dict, path: str):
+    """PNG bar chart: this run beside the published INST-IT Table 2 numbers, per split (matplotlib if
+    installed; otherwise a note)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install matplotlib)", file=sys.stderr)
+        return
+    splits = [s for s in PUBLISHED_ORDER if s in summary]
+    rows = {**{name: dict(zip(PUBLISHED_ORDER, vals)) for name, vals in PUBLISHED.items()},
+            "this run": {s: summary[s]["score"] for s in splits}}
+    fig, ax = plt.subplots(figsize=(2 + 2 * len(splits), 4))
+    width = 0.8 / len(rows)
+    for i, (name, vals) in enumerate(rows.items()):
+        ax.bar([j + i * width for j in range(len(splits))], [vals.get(s) or 0 for s in splits], width, label=name)
+    ax.axhline(MC_RANDOM, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits)
+    ax.set(ylabel="score", title="INST-IT Bench (published: INST-IT Table 2; dotted: random MC)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LLM judge for open-ended answers (annotate.py's client: one client, one cache design).
+
+JUDGE_VERSION = "instit-judge-v1"
+JUDGE_PROMPT = (
+    "You grade answers to questions about numbered instances in {media}. Instances are referred to as [ID] "
+    "(the number drawn on them){time}. Compare the model's answer with the reference answer and give a score "
+    "from 0 to 1 in steps of 0.1: 1.0 = same meaning as the reference; 0.0 = wrong or unrelated. The answer "
+    "must refer to the same instance IDs as the reference{time_rule}; an answer about a different [ID] is "
+    "wrong even if the description fits. Extra correct detail is not penalised; contradictions are. "
+    "Reply with JSON {{\"score\": number}}.")
+
+
+def judge_score(client, question: str, reference: str, prediction: str, video: bool) -> float:
+    """One OE answer -> the judge's score in {0, 0.1, ..., 1} (INST-IT App. B criteria)."""
+    from annotate import schema_object
+
+    system = JUDGE_PROMPT.format(
+        media="a video" if video else "an image",
+        time=", and frames as <t> (intervals <s>-<e>)" if video else "",
+        time_rule=" and the same frame times <t>" if video else "")
+    user = f"Question: {question}\nReference answer: {reference}\nModel answer: {prediction}"
+
+    def on_the_scale(answer):
+        s = answer["score"]
+        if not 0 <= s <= 1 or abs(s * 10 - round(s * 10)) > 1e-6:
+            raise ValueError(f"score {s} is not one of 0, 0.1, ..., 1")
+
+    answer = client.complete_json([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                  schema_object(score={"type": "number"}), validate=on_the_scale, name="score")
+    return float(answer["score"])
+
+
+def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
+    """OE records -> {"oe_proxy", "total"} and, with a judge client, {"score", "failed"}: 100 x the mean
+    judge score, failed judge calls counted as 0 and reported (never dropped from the denominator)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    total = len(predictions)
+    out = {"total": total,
+           "oe_proxy": 100 * sum(oe_proxy(p["model_prediction"], p["ground_truth"]) for p in predictions) / max(total, 1)}
+    if client is None:
+        return out
+    from annotate import LLMError
+
+    def one(p):
+        try:
+            return judge_score(client, p.get("question", ""), p["ground_truth"], p["model_prediction"],
+                               video=str(p.get("split", "")).startswith("video"))
+        except LLMError as e:
+            print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)
+            return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        scores = list(tqdm(pool.map(one, predictions), total=total, desc="judge"))
+    out.update(score=100 * sum(s or 0.0 for s in scores) / max(total, 1), failed=sum(s is None for s in scores))
+    return out
+
+
+def judge_client(args):
+    """An annotate.LLMClient for the judge from --judge-base-url/--judge-model, or None (offline proxy only)."""
+    if not args.judge_base_url:
+        return None
+    from annotate import LLMClient
+
+    return LLMClient(args.judge_base_url, args.judge_model, args.judge_cache, json_mode=args.judge_json_mode,
+                     prompt_version=JUDGE_VERSION)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a model on the bench.
+
+BENCH_PROMPTS = {  # the bench's answer conventions (INST-IT App. B)
+    "mc": "{question}\n{options}\nAnswer with the option's letter from the given choices directly.",
+    "image_oe": "{question}\nAnswer in a sentence. Refer to instances by their IDs in brackets, e.g. [1].",
+    "video_oe": "The video has {n} frames, <1> to <{n}>. {question}\nAnswer in a sentence. Refer to instances "
+                "by their IDs in brackets, e.g. [1], and to times as <t> or <s>-<e>.",
+}
+
+
+def bench_sample(question: dict, num_frames: int) -> dict:
+    """A bench question (data.load_instit_bench) -> a generation prompt sample with its visual."""
+    video = question["split"].startswith("video")
+    visual = {"video": question["media"], "num_frames": num_frames, "pooled": True} if video else \
+        {"frames": [question["media"]], "pooled": False}
+    if question["options"]:
+        text = BENCH_PROMPTS["mc"].format(question=question["question"],
+                                          options="\n".join(f"{k}. {v}" for k, v in question["options"].items()))
+    else:
+        text = BENCH_PROMPTS["video_oe" if video else "image_oe"].format(question=question["question"], n=num_frames)
+    return {"id": question["question_id"], "source": question["file"], "visuals": [visual],
+            "messages": [{"role": "user", "content": "<image>\n" + text}]}
+
+
+def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 256,
+                     desc: str = "generate") -> list[str]:
+    """Prompt samples -> decoded answers, in left-padded batches (greedy)."""
+    import data
+    from tqdm import tqdm
+
+    answers = []
+    for k in tqdm(range(0, len(samples), batch_size), desc=desc):
+        encoded = [data.encode_sample(s, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
+                   for s in samples[k:k + batch_size]]
+        batch = data.collate(encoded, model.tokenizer.pad_token_id, padding_side="left")
+        batch = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in batch.items() if key != "labels"}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens)
+        answers += [a.strip() for a in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return answers
+
+
+def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8,
+              max_new_tokens=256, num_frames=8, client=None) -> dict:
+    """Model x bench -> out_dir/predictions.jsonl (official shape), summary.json, scores.png; the summary."""
+    import data
+
+    wanted = [SPLITS.get(s, s) for s in splits]
+    questions = data.load_instit_bench(bench, wanted, media_root)
+    if not questions:
+        raise SystemExit(f"{bench}: no questions in splits {splits}")
+    answers = generate_answers(model, [bench_sample(q, num_frames) for q in questions], batch_size, max_new_tokens)
+    predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
+                    "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
+                   for q, a in zip(questions, answers)]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "predictions.jsonl.tmp"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    os.replace(os.path.join(out_dir, "predictions.jsonl.tmp"), os.path.join(out_dir, "predictions.jsonl"))
+    summary = {}
+    for split in sorted({p["split"] for p in predictions}):
+        rows = [p for p in predictions if p["split"] == split]
+        summary[split] = score_mc(rows) if split.endswith("mc") else score_oe(rows, client)
+        if split.endswith("mc"):
+            summary[split]["chance"] = MC_RANDOM
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    plot_scores({s: {"score": v.get("score", v.get("oe_proxy"))} for s, v in summary.items()},
+                os.path.join(out_dir, "scores.png"))
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict):
+    print(f"{'split':10} {'score':>7} {'total':>6}  notes")
+    for split, s in summary.items():
+        if "unparsed" in s:
+            note = f"{s['unparsed']} answers had no option letter (counted wrong); chance {MC_RANDOM:.0f}"
+            print(f"{split:10} {s['score']:7.1f} {s['total']:6}  {note}")
+        elif "score" in s:
+            print(f"{split:10} {s['score']:7.1f} {s['total']:6}  judge; {s['failed']} failed calls counted 0; "
+                  f"oe_proxy {s['oe_proxy']:.1f}")
+        else:
+            print(f"{split:10} {'-':>7} {s['total']:6}  no judge configured: oe_proxy {s['oe_proxy']:.1f} "
+                  "(token F1 x [ID] agreement, not comparable to judge scores)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# MultiInstruct: each task under each of its instructions, and the Sensitivity.
+
+def evaluate_instructions(model, tasks: str, templates: str, media_root=None, batch_size=8, max_new_tokens=32) -> dict:
+    """MultiInstruct .jsonl + {task: [templates]} -> per-task accuracy under each template (normalised exact
+    match with target_txt), per-task mean/max/std, the aggregate and the Sensitivity (MultiInstruct 5.1)."""
+    import data
+
+    task_of = {str(r.get("unique_id", "?")): r.get("task_name") for r in data.read_json(tasks)}
+    template_lists = data.read_json(templates) if isinstance(templates, str) else templates
+    n_templates = min(len(v) for v in template_lists.values())
+    per_task = {}
+    for k in range(n_templates):
+        samples = data.load_multiinstruct(tasks, template_lists, media_root, template_index=k)
+        prompts = [{**s, "messages": s["messages"][:-1]} for s in samples]
+        answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
+        hits = {}
+        for s, a in zip(samples, answers):
+            right = _normalise(a) == _normalise(s["messages"][-1]["content"])
+            hits.setdefault(task_of[s["id"]], []).append(right)
+        for task, h in hits.items():
+            per_task.setdefault(task, []).append(100 * sum(h) / len(h))
+    report = {task: {"scores": v, "mean": sum(v) / len(v), "max": max(v),
+                     "std": math.sqrt(sum((x - sum(v) / len(v)) ** 2 for x in v) / len(v))}
+              for task, v in per_task.items()}
+    return {"tasks": report, "aggregate": sum(r["mean"] for r in report.values()) / len(report),
+            "sensitivity": sensitivity(per_task)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate answers on INST-IT Bench splits and score them")
+    run.add_argument("--model", required=True, help="a train.py output (final/), merged or llava-hf checkpoint")
+    run.add_argument("--bench", required=True, help="bench file or folder (data.load_instit_bench)")
+    run.add_argument("--splits", default="image_mc,image_oe,video_mc,video_oe")
+    run.add_argument("--out", required=True)
+    run.add_argument("--media-root")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--max-new-tokens", type=int, default=256)
+    run.add_argument("--num-frames", type=int, default=8, help="frames sampled per bench video")
+    score = sub.add_parser("score", help="re-score an existing predictions file (official shape)")
+    score.add_argument("--predictions", required=True)
+    score.add_argument("--mode", choices=["mc", "oe"], required=True)
+    score.add_argument("--out", required=True)
+    instr = sub.add_parser("instructions", help="MultiInstruct tasks under each instruction: Sensitivity")
+    instr.add_argument("--model", required=True)
+    instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
+    instr.add_argument("--templates", required=True, help="JSON {task_name: [instruction templates]}")
+    instr.add_argument("--media-root")
+    instr.add_argument("--out", required=True)
+    for cmd in (run, score):
+        cmd.add_argument("--judge-base-url", help="OpenAI-compatible server for the OE judge (key: OPENAI_API_KEY)")
+        cmd.add_argument("--judge-model", default="gpt-4o")
+        cmd.add_argument("--judge-cache", help="judge cache file (default: beside --out)")
+        cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
+    args = p.parse_args(argv)
+    if getattr(args, "judge_base_url", None) and not args.judge_cache:
+        args.judge_cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge.cache.jsonl")
+
+    if args.command == "score":
+        predictions = load_predictions(args.predictions)
+        result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))
+        write_json(args.out, result)
+        print(json.dumps(result))
+        return result
+    from model import LlavaStyleModel
+
+    splits = [s.strip() for s in getattr(args, "splits", "").split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS and s not in SPLITS.values()]
+    if unknown:  # before the model is loaded
+        raise SystemExit(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
+    model = LlavaStyleModel.from_pretrained(args.model).eval()
+    if args.command == "run":
+        return run_bench(model, args.bench, splits, args.out, args.media_root, args.batch_size, args.max_new_tokens,
+                         args.num_frames, judge_client(args))
+    result = evaluate_instructions(model, args.tasks, args.templates, args.media_root)
+    write_json(os.path.join(args.out, "instructions.json"), result)
+    for task, r in result["tasks"].items():
+        print(f"{task:30} mean {r['mean']:5.1f}  max {r['max']:5.1f}  std {r['std']:5.1f}")
+    print(f"aggregate {result['aggregate']:.1f}  sensitivity {result['sensitivity']:.3f} (lower is better)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
