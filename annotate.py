@@ -38,6 +38,7 @@ import html
 import io
 import json
 import os
+import random
 import re
 import sys
 import threading
@@ -499,8 +500,9 @@ def _raise_all(errors):
         raise cls("; ".join(f"{where}: {e}" for where, e in errors))
 
 
-def annotate_record(client, rec, media_root, som_dir, num_frames=8):
-    """One IN.json record -> one INST-IT dataset record (Eq. 1-3), its SoM frames saved under som_dir."""
+def render_record(rec, media_root, som_dir, num_frames=8):
+    """IN.json record -> [(frame name, SoM frame, IDs drawn)], the SoM frames saved under som_dir/images/ or
+    som_dir/videos/<video_id>/ (the same marks whoever annotates them: GPT or the demo's oracle)."""
     folder = "images" if "image_path" in rec else f"videos/{_safe(rec['video_id'])}"
     os.makedirs(som_dir / folder, exist_ok=True)
     rendered, places = [], {}  # one label_places per record: a label keeps its place across frames
@@ -509,6 +511,12 @@ def annotate_record(client, rec, media_root, som_dir, num_frames=8):
         som = data.render_som(image, drawn, label_places=places)
         som.save(som_dir / folder / name, quality=95)  # format from the frame's extension
         rendered.append((name, som, set(drawn)))
+    return rendered
+
+
+def annotate_record(client, rec, media_root, som_dir, num_frames=8):
+    """One IN.json record -> one INST-IT dataset record (Eq. 1-3), its SoM frames saved under som_dir."""
+    rendered = render_record(rec, media_root, som_dir, num_frames)
     errors, captions = [], []  # every stage is tried, so one re-run (or one batch) covers all that is missing
     for t, (name, som, ids) in enumerate(rendered, 1):
         prev_som, prev_ids = rendered[t - 2][1:] if t > 1 else (None, ())
@@ -520,10 +528,11 @@ def annotate_record(client, rec, media_root, som_dir, num_frames=8):
     _raise_all(errors)
     segs = rec.get("segmentations") or {}
     if "image_path" in rec:
-        return {"image_id": rec["image_id"], "image_path": f"{som_dir.name}/{folder}/{rendered[0][0]}",
+        return {"image_id": rec["image_id"], "image_path": f"{som_dir.name}/images/{rendered[0][0]}",
                 "instance_level_caption": captions[0]["instance_level"],
                 "image_level_caption": captions[0]["image_level"], "segmentations": segs}
-    out = {"video_id": rec["video_id"], "video_path": f"{som_dir.name}/{folder}", "frame_level_caption": captions}
+    out = {"video_id": rec["video_id"], "video_path": f"{som_dir.name}/videos/{_safe(rec['video_id'])}",
+           "frame_level_caption": captions}
     for key, stage in (("video_level_caption", summarize_video), ("question_answer_pairs", generate_qa)):
         try:
             out[key] = stage(client, captions)
@@ -532,6 +541,51 @@ def annotate_record(client, rec, media_root, som_dir, num_frames=8):
     _raise_all(errors)
     out["segmentations"] = {name: segs.get(name, {}) for name, _, _ in rendered}
     return out
+
+
+def oracle_record(rec, media_root, som_dir, seed=0):
+    """A synthetic-world IN.json record (data.synthetic_world, with its `truth`) -> the INST-IT record that
+    annotate_record writes, with the same SoM frames, but every text written from the ground truth: the
+    demo's annotator, which needs no API. Its output passes check_record, as GPT's answers must."""
+    rendered = render_record(rec, media_root, som_dir, num_frames=len(rec["frames"]))
+    truth, rng = rec["truth"], random.Random(f"{seed}-{rec['video_id']}")
+    size, captions, previous = truth["size"], [], None
+    for t, (name, _, ids) in enumerate(rendered, 1):
+        centres, ids = truth["centres"][name], sorted(map(str, ids), key=int)
+        instance_level = {}
+        for i in ids:
+            a = truth["instances"][i]
+            instance_level[i] = f"A {a['size']} {a['colour']} {a['shape']} at the {data.quadrant(*centres[i], size)}."
+        image_level = " ".join(f"[{a}] is {data.relation(centres[a], centres[b])} [{b}]."
+                               for k, a in enumerate(ids) for b in ids[k + 1:])
+        change = None
+        if previous is not None:
+            moves = []
+            for i in ids:
+                if i not in previous:
+                    moves.append(f"[{i}] appears.")
+                    continue
+                (x0, y0), (x1, y1) = previous[i], centres[i]
+                still = max(abs(x1 - x0), abs(y1 - y0)) < 0.5
+                moves.append(f"[{i}] stays still." if still else f"[{i}] moves "
+                             f"{('left' if x1 < x0 else 'right') if abs(x1 - x0) >= abs(y1 - y0) else ('up' if y1 < y0 else 'down')}.")
+            change = " ".join(moves)
+        captions.append({"timestamp": t, "frame_name": name, "instance_level": instance_level,
+                         "image_level": image_level or None, "temporal_change": change})
+        previous = centres
+    video = len(rendered) > 1
+    kinds = ("colour", "shape", "size", "motion", "relation") if video else ("colour", "shape", "size", "position", "relation")
+    pairs = {q["question"]: q["answer"] for _ in range(2) for q in data.synthetic_questions(truth, rng, kinds)}
+    summary = None
+    if video:
+        summary = f"From <1> to <{len(rendered)}>, " + "; ".join(
+            f"[{i}], a {a['colour']} {a['shape']}, {data.MOTION_WORDS[a['motion']]}"
+            for i, a in sorted(truth["instances"].items(), key=lambda kv: int(kv[0]))
+            if any(i in truth["centres"][name] for name, _, _ in rendered)) + "."
+    return {"video_id": rec["video_id"], "video_path": f"{som_dir.name}/videos/{_safe(rec['video_id'])}",
+            "frame_level_caption": captions, "video_level_caption": summary,
+            "question_answer_pairs": [{"question": q, "answer": a} for q, a in pairs.items()],
+            "segmentations": {name: rec["segmentations"].get(name, {}) for name, _, _ in rendered}}
 
 
 def run_all(fn, items, names, workers, client, desc):

@@ -807,8 +807,12 @@ def load_conversations(path: str, media_root: str | None = None, images: str | N
     records = read_json(path)
     if isinstance(records, dict) and "Instances" in records:
         return load_natural_instructions(path)
-    if isinstance(records, dict) and "data" in records:
-        raise ValueError(f"{path}: MIMIC-IT instructions need their images file (images=...)")
+    if isinstance(records, dict) and "data" in records:  # MIMIC-IT: CGD_instructions.json beside CGD.json
+        images = re.sub(r"_instructions\.json$", ".json", path)
+        if images == path or not os.path.exists(images):
+            raise ValueError(f"{path}: MIMIC-IT instructions need their images file (images=..., or "
+                             f"<name>.json beside <name>_instructions.json)")
+        return load_mimicit(path, images)
     first = records[0] if isinstance(records, list) and records and isinstance(records[0], dict) else {}
     if "conversations" in first:
         return _llava(records, path, media_root, True)
@@ -1094,6 +1098,181 @@ class MixtureSampler(torch.utils.data.Sampler):
             padded += sum(width - self.lengths[i] for i in batch)
             total += width * len(batch)
         return padded / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The demo's synthetic world (train.py --demo): shapes with exact masks, track IDs and attributes, so that
+# an oracle can annotate them and a bench can ask about them. One frame is an image, 8-16 frames a video.
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
+           "purple": (140, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (25, 25, 25)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"tiny": 0.09, "small": 0.115, "medium": 0.14, "large": 0.17}  # radius as a fraction of the image side
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """(h, w) bool mask -> COCO RLE with uncompressed counts (runs of 0s and 1s, column-major, 0s first)."""
+    flat = np.asarray(mask, bool).ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]]))
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts.tolist()}
+
+
+def _shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+    if shape == "circle":
+        return [(x + r * math.cos(a), y + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 32, endpoint=False)]
+    corners = {"square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
+               "triangle": [(0, -1.1), (1.1, 0.85), (-1.1, 0.85)],
+               "diamond": [(0, -1.15), (1.15, 0), (0, 1.15), (-1.15, 0)]}[shape]
+    return [(x + r * dx, y + r * dy) for dx, dy in corners]
+
+
+def quadrant(x: float, y: float, size: int) -> str:
+    return QUADRANTS[2 * (y >= size / 2) + (x >= size / 2)]
+
+
+def synthetic_scene(rng: random.Random, num_frames: int = 1, size: int = 96) -> dict:
+    """A random scene -> {"instances": {ID: {colour, shape, size, motion}}, "frames": [PIL image],
+    "masks": [{ID: visible (H, W) bool mask}], "centres": [{ID: (x, y)}]}.
+
+    2-4 shapes with distinct colours and shapes, each starting in its own quadrant, moving in a straight
+    line or standing still (always still in an image); later shapes hide earlier ones where they overlap.
+    IDs are a random permutation of 1..n, so an ID says nothing about position or paint order."""
+    n = rng.randint(2, 4)
+    ids = rng.sample(range(1, n + 1), n)
+    instances, tracks = {}, {}
+    for k, (i, colour, shape, place) in enumerate(zip(ids, rng.sample(list(COLOURS), n), rng.sample(SHAPES, n),
+                                                        rng.sample(range(4), n))):
+        size_name = rng.choice(list(SIZES))
+        motion = rng.choice(list(MOTIONS)) if num_frames > 1 else "still"
+        r, (dx, dy) = SIZES[size_name] * size, MOTIONS[motion]
+        step = 0.4 * size / max(num_frames - 1, 1)  # a moving shape travels 40% of the image side
+        x0 = (place % 2 + 0.5) * size / 2 + rng.uniform(-0.06, 0.06) * size - dx * step * (num_frames - 1) / 2
+        y0 = (place // 2 + 0.5) * size / 2 + rng.uniform(-0.06, 0.06) * size - dy * step * (num_frames - 1) / 2
+        track = [(min(max(x0 + dx * step * t, r), size - r), min(max(y0 + dy * step * t, r), size - r))
+                 for t in range(num_frames)]
+        instances[str(i)] = {"colour": colour, "shape": shape, "size": size_name, "motion": motion}
+        tracks[str(i)] = (track, r)
+    background = rng.choice(["plain", "noise", "stripes"])
+    base = np.full((size, size, 3), rng.randint(90, 160), np.float32)
+    if background == "noise":
+        base += np.random.default_rng(rng.getrandbits(32)).normal(0, 12, (size, size, 1))
+    elif background == "stripes":
+        base[(np.arange(size) // max(2, size // 12)) % 2 == 1] -= 30
+    frames, masks, centres = [], [], []
+    for t in range(num_frames):
+        pixels, owner = base.copy(), np.full((size, size), "", dtype=object)
+        for i, (track, r) in tracks.items():  # paint order = ID order of the dict, which is random
+            canvas = Image.new("1", (size, size))
+            ImageDraw.Draw(canvas).polygon(_shape_polygon(instances[i]["shape"], *track[t], r), fill=1)
+            painted = np.array(canvas)
+            pixels[painted], owner[painted] = COLOURS[instances[i]["colour"]], i
+        frames.append(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)))
+        masks.append({i: owner == i for i in instances if (owner == i).sum() >= 4})
+        centres.append({i: tracks[i][0][t] for i in masks[-1]})
+    return {"instances": instances, "frames": frames, "masks": masks, "centres": centres, "size": size}
+
+
+def relation(a: tuple, b: tuple) -> str:
+    """Where centre a is relative to centre b, along the larger of the two offsets."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    return ("left of" if dx < 0 else "right of") if abs(dx) >= abs(dy) else ("above" if dy < 0 else "below")
+
+
+def synthetic_world(out_dir: str, num_scenes: int, seed: int, video_fraction: float = 0.5,
+                    num_frames: int = 8, size: int = 96, prefix: str = "scene") -> list[dict]:
+    """Write scenes' raw frames under out_dir/media/ -> records for annotate.py's input (IN.json): video
+    records with a frame folder, `segmentations` {frame: {ID: {"mask": RLE}}} and the ground truth under
+    `truth` (attributes, per-frame centres) for the oracle and the bench. An image is a one-frame video
+    record, so it can carry QA pairs. Same seed, same world."""
+    rng, records = random.Random(seed), []
+    for k in range(num_scenes):
+        frames = num_frames if rng.random() < video_fraction else 1
+        scene = synthetic_scene(rng, frames, size)
+        folder = f"media/{prefix}{k:05d}"
+        os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+        names = [f"{t:05d}.png" for t in range(frames)]
+        for name, frame in zip(names, scene["frames"]):
+            frame.save(os.path.join(out_dir, folder, name))
+        records.append({"video_id": f"{prefix}{k:05d}", "video_path": folder, "frames": names,
+                        "segmentations": {name: {i: {"mask": encode_rle(m)} for i, m in masks.items()}
+                                          for name, masks in zip(names, scene["masks"])},
+                        "truth": {"instances": scene["instances"], "size": size,
+                                  "centres": {name: c for name, c in zip(names, scene["centres"])}}})
+    return records
+
+
+QUESTIONS = {  # the synthetic bench's question kinds -> (question, answer); the oracle's QA pairs use them too
+    "colour": ("What colour is {a}?", "{a} is {colour}."),
+    "shape": ("What shape is {a}?", "{a} is a {shape}."),
+    "size": ("What size is {a}?", "{a} is {size}."),
+    "position": ("Where is {a} at <1>?", "{a} is at the {position} at <1>."),
+    "motion": ("Which way does {a} move?", "{a} {motion}."),
+    "relation": ("Where is {a} relative to {b} at <1>?", "{a} is {relation} {b} at <1>."),
+}
+MOTION_WORDS = {m: ("stays still" if m == "still" else f"moves {m}") for m in MOTIONS}
+
+
+def synthetic_questions(truth: dict, rng: random.Random, kinds) -> list[dict]:
+    """Ground truth of a scene -> questions of the given kinds, one per kind where the scene allows:
+    {"kind", "question", "answer" (a sentence), "value", "options" (4 values: the answer, then distractors
+    taken first from the other marked instances of the scene, then from the vocabulary)}. Options taken from
+    the scene mean a model that sees what is there but cannot tell [1] from [2] stays near chance."""
+    first = next(iter(truth["centres"].values()))
+    ids = sorted(first, key=int)
+    vocab = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "position": list(QUADRANTS),
+             "motion": list(MOTION_WORDS.values()), "relation": ["left of", "right of", "above", "below"]}
+    out = []
+    for kind in kinds:
+        a, b = rng.sample(ids, 2) if len(ids) >= 2 else (ids[0], None)
+        if kind == "relation" and b is None:
+            continue
+        values = {i: {"colour": truth["instances"][i]["colour"], "shape": truth["instances"][i]["shape"],
+                      "size": truth["instances"][i]["size"], "motion": MOTION_WORDS[truth["instances"][i]["motion"]],
+                      "position": quadrant(*first[i], truth["size"]),
+                      "relation": relation(first[i], first[b]) if b and i != b else None} for i in ids}
+        value = values[a][kind]
+        others = [v[kind] for i, v in values.items() if i != a and v[kind] and v[kind] != value]
+        if kind == "relation":  # the other instances' relations to [b] (and the opposite one) first
+            others.append({"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[value])
+        distractors = list(dict.fromkeys(rng.sample(others, len(others))))[:3]
+        distractors += rng.sample([v for v in vocab[kind] if v != value and v not in distractors], 3 - len(distractors))
+        options = [value] + distractors
+        rng.shuffle(options)
+        question, answer = QUESTIONS[kind]
+        fields = {"a": f"[{a}]", "b": f"[{b}]", **values[a], kind: value}
+        out.append({"kind": kind, "question": question.format(**fields), "answer": answer.format(**fields),
+                    "value": value, "options": options})
+    return out
+
+
+def write_synthetic_bench(records: list[dict], frames_root: str, out_dir: str, seed: int) -> dict:
+    """Held-out scenes (their frames in frames_root/<video_id>/: SoM frames, or raw ones for --no-som) -> the four INST-IT Bench splits as flat
+    JSON files in out_dir (image_multi_choice.json, ...): every question both MC (4 options) and OE."""
+    rng, splits = random.Random(seed), {name: [] for name in BENCH_SPLITS}
+    for rec in records:
+        video = len(rec["frames"]) > 1
+        kinds = ("colour", "shape", "size", "motion", "relation") if video else \
+            ("colour", "shape", "size", "position", "relation")
+        folder = os.path.join(frames_root, rec["video_id"])
+        media = {"video_path": os.path.relpath(folder, out_dir)} if video else \
+            {"image": os.path.relpath(os.path.join(folder, rec["frames"][0]), out_dir)}
+        for q in synthetic_questions(rec["truth"], rng, kinds):
+            qid = f"{rec['video_id']}-{q['kind']}"
+            modality = "video" if video else "image"
+            splits[f"{modality}_open_ended"].append({"question_id": qid, "question": q["question"],
+                                                     "answer": q["answer"], "kind": q["kind"], **media})
+            choices = {f"choice_{L.lower()}": v for L, v in zip("ABCD", q["options"])}
+            splits[f"{modality}_multi_choice"].append({"question_id": qid, "question": q["question"], **choices,
+                                                       "answer": "ABCD"[q["options"].index(q["value"])],
+                                                       "kind": q["kind"], **media})
+    os.makedirs(out_dir, exist_ok=True)
+    for name, rows in splits.items():
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    return {name: len(rows) for name, rows in splits.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

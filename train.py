@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
+from tqdm import tqdm
 
 from model import LlavaStyleModel, ModelConfig, build_model
 
@@ -38,6 +39,7 @@ class TrainConfig:
     """The training knobs. Learning rates follow LLaVA(-NeXT)'s LoRA recipe; INST-IT's values elsewhere."""
     data: list = field(default_factory=list)  # "path:ratio" sources, mixed by ratio
     media_root: str = "."                     # images / videos are found under this folder
+    templates: str | None = None              # MultiInstruct sources: JSON {task_name: [instruction templates]}
     stage: str = "continuous"
     init_from: str | None = None              # a previous run's final/ or checkpoint folder
     out: str = "runs/train"
@@ -59,7 +61,11 @@ class TrainConfig:
     save_every: int = 500
     compile: bool = False
     report_to: str | None = None              # "tensorboard" or "wandb", through accelerate
-    demo: bool = False                        # the synthetic world of the README's `make demo`
+    demo: bool = False                        # the README's `make demo`: a synthetic world, a tiny model
+    som: bool = True                          # demo: --no-som shows the model the frames without marks
+    scenes: int = 1500                        # demo: training scenes (half images, half 8-frame videos)
+    base_url: str | None = None               # demo: annotate with a real chat-completions server instead
+    annotator_model: str = "gpt-4o"           # demo: its model; the key comes from OPENAI_API_KEY
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,6 +91,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     args = vars(p.parse_args(argv))
     given = json.load(open(args.pop("config"))) if args.get("config") else {}
     given.update({k: v for k, v in args.items() if v is not None})
+    if given.get("demo"):
+        given = {**DEMO, **given}
     train_names = {f.name for f in fields(TrainConfig)}
     unknown = set(given) - train_names - {f.name for f in model_fields}
     if unknown:
@@ -136,7 +144,8 @@ def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str
 
     datasets = []
     for path, _ in sources:
-        samples = data.load_conversations(path, cfg.media_root, max_frames=model.cfg.max_frames, seed=cfg.seed)
+        samples = data.load_conversations(path, cfg.media_root, templates=cfg.templates,
+                                          max_frames=model.cfg.max_frames, seed=cfg.seed)
         if not samples:
             raise SystemExit(f"--data {path}: no usable samples")
         datasets.append(data.InstructionDataset(samples, model.tokenizer, model.cfg, cfg.max_length))
@@ -214,7 +223,6 @@ def latest_checkpoint(out: str) -> str | None:
 def train(cfg: TrainConfig, overrides: dict) -> dict:
     """Run one stage; returns {"step", "loss", "out"}. Writes metrics.jsonl, checkpoints and final/."""
     from accelerate import Accelerator
-    from tqdm import tqdm
 
     sources = parse_sources(cfg.data)
     if not sources:
@@ -330,9 +338,134 @@ def plot_loss(out: str):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The demo (`make demo`): the whole method in miniature on a synthetic world, no weights, data or API key.
+
+DEMO = dict(  # defaults under --demo (flags still override): a tiny model trained from scratch on CPU
+    out="runs/demo", lr=1e-3, projector_lr=1e-3, vision_lr=1e-3, weight_decay=0.01, warmup_ratio=0.05,
+    batch_size=16, grad_accum=1, max_steps=1500, max_length=1024, num_workers=0, log_every=10, save_every=500,
+    lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
+DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_demo_model(folder: str, texts: list[str], seed: int) -> dict:
+    """Save a tiny CLIP vision encoder, a tiny Llama and a word-level tokenizer (vocabulary: the words of
+    `texts`) under `folder`, all random -> the ModelConfig fields that load them, as paths to hub IDs would."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|im_start|>", "<|im_end|>"]
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Sequence([  # a word, a mark "[3]", a time "<2>" or a punctuation mark
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\[\d+\]|<\d+>|\w+|[^\w\s]"), "isolated")])
+    words.train_from_iterator(texts + ["system user assistant"], trainers.WordLevelTrainer(special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", additional_special_tokens=specials[4:], chat_template=CHATML)
+    torch.manual_seed(seed)
+    vision, lm = os.path.join(folder, "vision"), os.path.join(folder, "lm")
+    CLIPVisionModel(CLIPVisionConfig(image_size=DEMO_IMAGE_SIZE, patch_size=DEMO_PATCH, hidden_size=128,
+                                     intermediate_size=512, num_hidden_layers=DEMO["trainable_vision_layers"],
+                                     num_attention_heads=4)).save_pretrained(vision)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                 num_attention_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=3)).save_pretrained(lm)
+    tokenizer.save_pretrained(lm)
+    return {"vision_model": vision, "language_model": lm, "tokenizer": lm}
+
+
+def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
+    """World -> SoM -> annotations (oracle, or GPT with --base-url) -> instruction data -> tiny model ->
+    train -> held-out synthetic bench. Writes results.json, loss.png, som_frames.png and answers.png in --out.
+    --no-som shows the model the same frames without marks (the annotations still name the [IDs])."""
+    from pathlib import Path
+
+    import annotate
+    import data
+    import evaluate
+
+    started, out = time.perf_counter(), Path(cfg.out)
+    world = out / "world"
+    train_records = data.synthetic_world(str(world), cfg.scenes, cfg.seed, size=DEMO_IMAGE_SIZE, prefix="train")
+    bench_records = data.synthetic_world(str(world), max(40, cfg.scenes // 8), cfg.seed + 7919, size=DEMO_IMAGE_SIZE,
+                                         prefix="bench")
+    som = world / "train_som"
+    if cfg.base_url:  # the real three-stage annotator on the same SoM frames
+        client = annotate.LLMClient(cfg.base_url, cfg.annotator_model, str(world / "train.cache.jsonl"))
+        records, failures = annotate.run_all(lambda r: annotate.annotate_record(client, r, world, som, 16),
+                                             train_records, [r["video_id"] for r in train_records], 8, client, "annotate")
+        records = [r for r in records if r is not None]
+    else:
+        records = [annotate.oracle_record(r, world, som, cfg.seed) for r in tqdm(train_records, desc="annotate (oracle)")]
+    for r in bench_records:
+        annotate.render_record(r, world, world / "bench_som", len(r["frames"]))
+    if not cfg.som:  # the model sees the raw frames
+        records = [{**r, "video_path": f"media/{r['video_id']}"} for r in records]
+    train_json = world / "train.json"
+    annotate.write_json_atomic(train_json, records)
+    bench = world / "bench"
+    data.write_synthetic_bench(bench_records, str(world / ("bench_som/videos" if cfg.som else "media")), str(bench),
+                               cfg.seed)
+
+    questions = data.load_instit_bench(str(bench))
+    texts = [m["content"] for s in data.load_conversations(str(train_json), str(world)) for m in s["messages"]]
+    texts += [m["content"] for q in questions for m in evaluate.bench_sample(q, 8)["messages"]]
+    overrides = {**overrides, **build_demo_model(str(out / "base"), texts, cfg.seed)}
+    print(f"demo world: {len(records)} annotated scenes, {len(questions)} bench questions, "
+          f"{time.perf_counter() - started:.0f} s; marks {'on' if cfg.som else 'off (--no-som)'}")
+
+    result = train(dataclasses.replace(cfg, data=[str(train_json)], media_root=str(world)), overrides)
+    if result["step"] < (cfg.max_steps or 1):
+        return result  # stopped by a signal: --resume continues
+    model = LlavaStyleModel.from_pretrained(str(out / "final"))
+    model.eval()
+    summary = evaluate.run_bench(model, str(bench), list(evaluate.SPLITS), str(out / "bench"), batch_size=32,
+                                 max_new_tokens=24, num_frames=8)
+    predictions = evaluate.load_predictions(str(out / "bench" / "predictions.jsonl"))
+    results = {"som": cfg.som, "steps": result["step"], "seed": cfg.seed,
+               "minutes": round((time.perf_counter() - started) / 60, 2), "chance_mc": evaluate.MC_RANDOM, "splits": {}}
+    for split, scores in summary.items():
+        rows = [p for p in predictions if p["split"] == split]
+        kinds = sorted({p["question_id"].rsplit("-", 1)[1] for p in rows})
+        by_kind = {k: [p for p in rows if p["question_id"].endswith("-" + k)] for k in kinds}
+        score = (lambda ps: evaluate.score_mc(ps)["score"]) if split.endswith("mc") else \
+            (lambda ps: 100 * sum(evaluate.oe_proxy(p["model_prediction"], p["ground_truth"]) for p in ps) / len(ps))
+        results["splits"][split] = {**scores, "by_kind": {k: round(score(ps), 1) for k, ps in by_kind.items()}}
+    evaluate.write_json(str(out / "results.json"), results)
+    demo_pictures(out, train_records[:8], predictions[:8], questions)
+    print(json.dumps({s: {k: v for k, v in r.items() if k in ("score", "oe_proxy", "by_kind")}
+                      for s, r in results["splits"].items()}, indent=1))
+    print(f"{out}/results.json, loss.png, som_frames.png, answers.png ({results['minutes']} min)")
+    return {**result, "results": results}
+
+
+def demo_pictures(out, records, predictions, questions):
+    """som_frames.png: a few marked scenes; answers.png: bench questions, the model's answers, the truth."""
+    from PIL import Image, ImageDraw
+
+    frames = [Image.open(out / "world" / "train_som" / "videos" / r["video_id"] / r["frames"][0]) for r in records]
+    sheet = Image.new("RGB", (len(frames) * DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE))
+    for k, frame in enumerate(frames):
+        sheet.paste(frame, (k * DEMO_IMAGE_SIZE, 0))
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(out / "som_frames.png")
+    media = {q["question_id"]: q["media"] for q in questions}
+    page = Image.new("RGB", (720, 2 * DEMO_IMAGE_SIZE * len(predictions)), "white")
+    draw = ImageDraw.Draw(page)
+    for k, p in enumerate(predictions):
+        source = media[p["question_id"]]
+        frame = Image.open(source if os.path.isfile(source) else os.path.join(source, sorted(os.listdir(source))[0]))
+        y = k * 2 * DEMO_IMAGE_SIZE
+        page.paste(frame.convert("RGB").resize((2 * DEMO_IMAGE_SIZE,) * 2, Image.NEAREST), (0, y))
+        options = " ".join(f"{L}. {v}" for L, v in (p.get("options") or {}).items())
+        draw.multiline_text((2 * DEMO_IMAGE_SIZE + 10, y + 10), f"Q: {p['question']}\n{options}\nmodel: "
+                            f"{p['model_prediction']}\ntruth: {p['ground_truth']}", fill="black", spacing=6)
+    page.save(out / "answers.png")
+
+
 def main(argv=None):
     cfg, overrides = parse_args(argv)
-    return train(cfg, overrides)
+    return run_demo(cfg, overrides) if cfg.demo else train(cfg, overrides)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,8 @@ def test_mimicit_in_context_sequences(tmp_path, caplog):
     assert data.open_image(query["visuals"][1]["frames"][1]).getpixel((0, 0)) == (20, 20, 20)
     assert samples["SD_INS_2"]["visuals"][0]["pooled"] is False  # one image alone
     assert "record SD_INS_3: SD_INS_3.image_ids: image zz not in" in caplog.text
+    paired = {s["id"] for s in data.load_conversations(ins)}  # SD.json found beside SD_instructions.json
+    assert paired == {"SD_INS_1", "SD_INS_2"}
     config = write(tmp_path / "train_config.json", {"SD_INS_2": ["SD_INS_1"]})
     (only,) = data.load_mimicit(ins, img, train_config=config)
     assert only["id"] == "SD_INS_2" and len(only["visuals"]) == 2

@@ -1,0 +1,93 @@
+"""The demo's synthetic world, its oracle annotator and a short `train.py --demo` run end to end."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+import annotate
+import data
+import train
+
+
+def test_rle_round_trip():
+    rng = np.random.default_rng(0)
+    for shape in [(7, 5), (1, 1), (30, 40)]:
+        mask = rng.random(shape) < 0.3
+        mask[0, 0] = True  # a mask starting with 1s needs a leading 0-count
+        assert (data.decode_rle(data.encode_rle(mask)) == mask).all()
+
+
+def test_world_is_reproducible_and_masks_match_the_frames(tmp_path):
+    a = data.synthetic_world(str(tmp_path / "a"), 6, seed=3, video_fraction=0.5, num_frames=8, size=64)
+    b = data.synthetic_world(str(tmp_path / "b"), 6, seed=3, video_fraction=0.5, num_frames=8, size=64)
+    assert json.dumps(a) == json.dumps(b)
+    for ra in a:
+        for name in ra["frames"]:
+            assert (tmp_path / "a" / ra["video_path"] / name).read_bytes() == (tmp_path / "b" / ra["video_path"] / name).read_bytes()
+    assert {len(r["frames"]) for r in a} <= {1, 8} and len({len(r["frames"]) for r in a}) == 2
+    rec = next(r for r in a if len(r["frames"]) == 8)
+    frame = np.array(data.open_image(str(tmp_path / "a" / rec["video_path"] / "00000.png")))
+    for i, entry in rec["segmentations"]["00000.png"].items():
+        mask = data.decode_rle(entry["mask"])
+        colour = data.COLOURS[rec["truth"]["instances"][i]["colour"]]
+        assert (frame[mask] == colour).all()  # the visible mask is exactly the shape's own pixels
+
+
+def test_bench_distractors_come_from_the_scene_first():
+    truth = {"size": 96, "instances": {"1": {"colour": "red", "shape": "circle", "size": "tiny", "motion": "left"},
+                                       "2": {"colour": "blue", "shape": "square", "size": "large", "motion": "up"},
+                                       "3": {"colour": "green", "shape": "diamond", "size": "tiny", "motion": "still"}},
+             "centres": {"00000.png": {"1": [20, 20], "2": [70, 20], "3": [20, 70]}}}
+    for seed in range(20):
+        for q in data.synthetic_questions(truth, random.Random(seed), ["colour", "shape", "motion", "relation"]):
+            assert len(set(q["options"])) == 4 and q["value"] in q["options"]
+            if q["kind"] == "colour":
+                asked = q["question"][q["question"].index("[") + 1]
+                others = {truth["instances"][i]["colour"] for i in "123" if i != asked}
+                assert others <= set(q["options"])  # both other marked instances' colours are options
+
+
+def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
+    records = data.synthetic_world(str(tmp_path), 8, seed=1, num_frames=8, size=96)
+    out = [annotate.oracle_record(r, tmp_path, tmp_path / "som") for r in records]
+    for rec in out:
+        annotate.check_record(rec)  # every [ID] is drawn on its frame, every <t> exists
+        assert rec["question_answer_pairs"]
+    annotate.write_json_atomic(tmp_path / "oracle.json", out)
+    loaded = data.load_instit_dataset(str(tmp_path / "oracle.json"))
+    conversations = [c for r in loaded for c in data.instit_conversations(r)]
+    kinds = {c["id"].split(" ", 2)[2].split(" ")[0] for c in conversations}
+    assert kinds == {"frame", "change", "video", "qa"}
+    broken = dict(out[0], question_answer_pairs=[{"question": "What is [9] doing?", "answer": "[9] waits."}])
+    try:
+        annotate.check_record(broken)
+    except ValueError as e:
+        assert "[9]" in str(e)
+    else:
+        raise AssertionError("an undrawn [9] passed check_record")
+
+
+def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
+    result = train.main(["--demo", "--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2"])
+    assert result["step"] == 6
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["som"] is True and results["chance_mc"] == 25.0
+    assert set(results["splits"]) == {"image_mc", "image_oe", "video_mc", "video_oe"}
+    for split, scores in results["splits"].items():
+        assert scores["total"] > 0 and scores["by_kind"]
+        value = scores["score"] if split.endswith("mc") else scores["oe_proxy"]
+        assert 0 <= value <= 100
+    for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    bench = json.loads((tmp_path / "world" / "bench" / "image_multi_choice.json").read_text())
+    assert all(Path(tmp_path / "world" / "bench" / q["image"]).is_file() for q in bench)
+    assert "bench_som" in bench[0]["image"]  # the model is asked about marked frames
+
+
+def test_no_som_demo_shows_raw_frames(tmp_path):
+    train.main(["--demo", "--no-som", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "2"])
+    bench = json.loads((tmp_path / "world" / "bench" / "video_multi_choice.json").read_text())
+    assert bench and all("/media/" in "/" + q["video_path"] for q in bench)
+    records = json.loads((tmp_path / "world" / "train.json").read_text())
+    assert all(r["video_path"].startswith("media/") for r in records)
