@@ -2,7 +2,7 @@
 
     python evaluate.py run --model DIR_OR_ID --bench PATH --splits image_mc,video_oe --out DIR
     python evaluate.py score --predictions P.jsonl --mode mc --out S.json
-    python evaluate.py instructions --model DIR --tasks multiinstruct.jsonl --out DIR
+    python evaluate.py instructions --model DIR --tasks multiinstruct.jsonl --templates T.json --out DIR
 
 Multiple choice: the letter a free-form answer chose (`extract_choice`); an answer with no letter counts
 as wrong and is counted (the official scorer drops it from the denominator, which inflates scores).

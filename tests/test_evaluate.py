@@ -190,3 +190,26 @@ def test_run_on_a_tiny_bench(tiny, tmp_path):
     with pytest.raises((SystemExit, ValueError), match="no questions|empty|no bench"):
         evaluate.main(["run", "--model", str(tmp_path / "model"), "--bench", str(tmp_path / "empty.json"),
                        "--out", str(tmp_path / "o2")])
+
+
+def test_instructions_reports_each_template_and_the_sensitivity(tiny, tmp_path):
+    from PIL import Image
+
+    from model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(vision_model=tiny["clip"], language_model=tiny["llama"], lora_r=4,
+                                    trainable_vision_layers=0), device="cpu")
+    model.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "a.png")
+    tasks = [{"unique_id": f"{task}{i}", "task_name": task, "image_path": "a.png", "question": "Which?",
+              "target_txt": "yes"} for task in ("vqa", "caption") for i in range(3)]
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(t) for t in tasks))
+    templates = {"vqa": ["{question}", "Answer: {question}", "Q: {question}"],
+                 "caption": ["Describe it.", "Say what it is.", "Caption."]}
+    (tmp_path / "templates.json").write_text(json.dumps(templates))
+    report = evaluate.main(["instructions", "--model", str(tmp_path / "model"), "--tasks", str(tmp_path / "tasks.jsonl"),
+                            "--templates", str(tmp_path / "templates.json"), "--out", str(tmp_path / "out")])
+    assert set(report["tasks"]) == {"vqa", "caption"}
+    assert all(len(r["scores"]) == 3 and 0 <= r["mean"] <= r["max"] <= 100 for r in report["tasks"].values())
+    assert report["sensitivity"] == evaluate.sensitivity({t: r["scores"] for t, r in report["tasks"].items()})
+    assert json.loads((tmp_path / "out" / "instructions.json").read_text())["sensitivity"] == report["sensitivity"]
