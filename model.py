@@ -7,6 +7,7 @@ into the `<image>` positions that data.py expanded), generation, saving, merging
 Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; a transformers
 `LlavaForConditionalGeneration` checkpoint is adopted with `LlavaStyleModel.from_llava_hf`.
 """
+import itertools
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ class ModelConfig:
     pool_stride: int = 2                  # 2x2 spatial pooling of video / multi-visual frames (INST-IT 2.4)
     pool_mode: str = "average"            # "average" or "bilinear"; odd grids round up (27x27 -> 14x14)
     max_frames: int = 32                  # frames per video (INST-IT 3.1)
-    trainable_vision_layers: int = 12     # last N encoder layers trained; 0 = frozen (INST-IT: last 12 of 24)
+    trainable_vision_layers: int = 12     # last N of the encoder's layers trained; 0 = frozen (INST-IT: 12 of 24)
     lm_training: str = "lora"             # "lora", "full" or "frozen"
     lora_r: int = 128
     lora_alpha: int = 256
@@ -247,7 +248,7 @@ class LlavaStyleModel(nn.Module):
     def _truncate_vision(self, vision):
         """Keep encoder layers up to the feature layer: later layers cost compute and never reach the LM."""
         layers = encoder_layers(vision)
-        n = len(layers)
+        n = self.vision_depth = len(layers)
         used = self.cfg.vision_feature_layer % (n + 1)  # hidden_states has n+1 entries (embeddings first)
         del layers[used:]
         vision.config.num_hidden_layers = used
@@ -299,16 +300,22 @@ class LlavaStyleModel(nn.Module):
                                                task_type="CAUSAL_LM"))
         return lm
 
-    def _freeze_vision(self):
-        """Freeze all but the last `trainable_vision_layers` blocks. A frozen parameter records no autograd
-        graph (what no_grad does); the trainable tail records one. LLaVA's tower was decorated with
-        no_grad, so "unfreezing" it trained nothing (DESIGN 6): tests check the tail gets gradients."""
+    def trainable_vision_tail(self) -> list:
+        """The encoder blocks that train: the last `trainable_vision_layers` of the encoder's *original*
+        depth, so INST-IT's "first 12 of 24 frozen" holds; with the penultimate feature layer the 24th block
+        is cut (it never reaches the LM) and 11 blocks train."""
         layers = encoder_layers(self.vision)
-        k = min(self.cfg.trainable_vision_layers, len(layers))
+        return list(layers[max(0, self.vision_depth - self.cfg.trainable_vision_layers):])
+
+    def _freeze_vision(self):
+        """Freeze all but the trainable tail. A frozen parameter records no autograd graph (what no_grad
+        does); the trainable tail records one. LLaVA's tower was decorated with no_grad, so "unfreezing" it
+        trained nothing (DESIGN 6): tests check the tail gets gradients."""
+        tail = self.trainable_vision_tail()
         self.vision.requires_grad_(False)
-        for layer in layers[len(layers) - k:]:
+        for layer in tail:
             layer.requires_grad_(True)
-        if k and self.cfg.gradient_checkpointing:
+        if tail and self.cfg.gradient_checkpointing:
             self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _upcast_trainable(self):
@@ -319,11 +326,9 @@ class LlavaStyleModel(nn.Module):
 
     def _check_trainable(self):
         """Trainable parameters must be exactly projector + LM (LoRA or full) + unfrozen vision layers."""
-        layers = encoder_layers(self.vision)
-        k = min(self.cfg.trainable_vision_layers, len(layers))
         expected = {
             "projector": sum(p.numel() for p in self.projector.parameters()),
-            "vision": sum(p.numel() for layer in layers[len(layers) - k:] for p in layer.parameters()),
+            "vision": sum(p.numel() for layer in self.trainable_vision_tail() for p in layer.parameters()),
             "language": self._expected_lm_trainable,
         }
         actual = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
@@ -376,29 +381,44 @@ class LlavaStyleModel(nn.Module):
         return self.projector(torch.cat(features).to(self.projector.linear_1.weight.dtype))
 
     def embed(self, input_ids, pixel_values=None, visual_frames=None, visual_pooled=None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D) embeddings with visual features written into the `<image>` positions."""
+        """(B, L) ids -> (B, L, D) embeddings with visual features written into the `<image>` positions.
+
+        Each sample's `<image>` tokens must hold whole visuals, num_visual_tokens(...) each, in order: a
+        batch whose total is right but whose samples are not (n+1 and n-1) is an error, not a silent shift."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         slots = input_ids == self.image_token_id
         if pixel_values is None:
             if slots.any():
                 raise ValueError(f"input_ids hold {int(slots.sum())} {self.cfg.image_token} tokens but no pixel_values")
             return embeds
+        visual_frames = visual_frames or [1] * len(pixel_values)
+        visual_pooled = visual_pooled or [False] * len(visual_frames)
         features = self.encode_visuals(pixel_values, visual_frames, visual_pooled)
-        if slots.sum() != len(features):
+        visual_ends = set(itertools.accumulate(num_visual_tokens(self.cfg, f, p)
+                                               for f, p in zip(visual_frames, visual_pooled)))
+        per_sample = slots.sum(1).tolist()
+        if sum(per_sample) != len(features) or not set(itertools.accumulate(per_sample)) <= visual_ends | {0}:
             raise ValueError(
-                f"{self.cfg.image_token} tokens per sample {slots.sum(1).tolist()} (total {int(slots.sum())}) "
-                f"differ from the {len(features)} visual features of visual_frames={visual_frames} "
-                f"pooled={visual_pooled}; expand each placeholder with num_visual_tokens (data.py does)")
+                f"{self.cfg.image_token} tokens per sample {per_sample} (total {sum(per_sample)}) do not hold "
+                f"whole visuals of visual_frames={visual_frames} pooled={visual_pooled} ({len(features)} "
+                f"features); expand each placeholder with num_visual_tokens (data.py does)")
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def autocast(self):
+        """bf16 autocast when the weights are bf16: the trained vision tail and projector are kept in fp32
+        (master weights), so frozen bf16 layers feed fp32 ones; train.py's accelerate autocast does the same."""
+        dtype = resolve_dtype(self.cfg.dtype)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
                 visual_pooled=None, position_ids=None):
         """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token
         loss over labels != -100, computed as transformers' LLaVA does (fp32 logits)."""
-        embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                       position_ids=position_ids).last_hidden_state
-        logits = self.lm.get_output_embeddings()(hidden)
+        with self.autocast():
+            embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
+            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                           position_ids=position_ids).last_hidden_state
+            logits = self.lm.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
@@ -409,13 +429,15 @@ class LlavaStyleModel(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
                  max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
         """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS."""
-        embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
+        with self.autocast():
+            embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
         eos = [self.tokenizer.eos_token_id] + [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
                                                if t in self.tokenizer.get_vocab()]
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
-                                **sampling)
+        with self.autocast():
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
+                                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def trained_state_dict(self) -> dict:
@@ -486,7 +508,7 @@ class LlavaStyleModel(nn.Module):
         layers, so vision_feature_layer = -1), loadable by LlavaForConditionalGeneration and from_llava_hf."""
         from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-        full = build_model(replace(self.cfg, load_in_4bit=False, tokenizer=None), "cpu")  # unquantized base
+        full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
         full.tokenizer = self.tokenizer
         with torch.no_grad():
             params = dict(full.named_parameters())

@@ -8,7 +8,7 @@ from model import LlavaStyleModel, ModelConfig, build_model, encoder_layers, num
 
 def compose(tiny, vision="clip", lm="llama", **kw):
     kw = {"lm_training": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-          "trainable_vision_layers": 1, **kw}
+          "trainable_vision_layers": 2, **kw}  # of CLIP's 4 layers; the 4th is cut (feature layer -2): 1 trains
     return build_model(ModelConfig(vision_model=tiny[vision], language_model=tiny[lm], **kw), device="cpu")
 
 
@@ -86,7 +86,7 @@ def test_trainable_parameters_are_exactly_what_the_config_implies(tiny):
 
 
 def test_gradients_reach_exactly_the_trainable_parameters_and_frozen_layers_stay(tiny):
-    model = compose(tiny, trainable_vision_layers=1)  # CLIP feature layer -2 of 4: 3 layers used, last trains
+    model = compose(tiny, trainable_vision_layers=2)  # CLIP feature layer -2 of 4: 3 layers used, last trains
     layers = encoder_layers(model.vision)
     assert len(layers) == 3
     records_graph = []
@@ -102,6 +102,24 @@ def test_gradients_reach_exactly_the_trainable_parameters_and_frozen_layers_stay
     opt.step()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != p.requires_grad, n  # trained changed, frozen bit-identical
+
+
+def test_trainable_vision_layers_count_the_encoders_original_depth(tiny):
+    """INST-IT trains the last 12 of 24 layers, i.e. freezes the first 12, whatever the feature layer cuts."""
+    for trainable, tail in [(0, 0), (1, 0), (2, 1), (3, 2), (4, 3), (10, 3)]:  # layer 4 of 4 is cut (feature -2)
+        model = compose(tiny, trainable_vision_layers=trainable)
+        layers = encoder_layers(model.vision)
+        trained = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
+        assert trained == [False] * (3 - tail) + [True] * tail, trainable
+
+
+def test_bf16_weights_run_outside_train_autocast(tiny):
+    """bf16 frozen layers feed the fp32 trained tail: forward and generate must work without train.py."""
+    model = compose(tiny, dtype="bfloat16").eval()
+    assert {p.dtype for p in model.trainable_vision_tail()[0].parameters()} == {torch.float32}
+    batch = image_batch(model)
+    assert torch.isfinite(model(**batch).loss)
+    assert model.generate(batch["input_ids"][:1], batch["pixel_values"][:1], max_new_tokens=2).shape[0] == 1
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
@@ -150,8 +168,15 @@ def test_save_load_gives_identical_logits_with_an_added_token(tiny, tmp_path):
         assert torch.equal(model(**batch).logits, again(**batch).logits)
 
 
-def test_merge_writes_a_transformers_llava_with_the_same_logits(tiny, tmp_path):
-    model = trained_a_little(compose(tiny))
+@pytest.mark.parametrize("lm_training", ["lora", "full"])
+def test_merge_writes_a_transformers_llava_with_the_same_logits(tiny, tmp_path, lm_training):
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()  # a tokenizer of its own with one more token than the LM's vocabulary
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    tokenizer.save_pretrained(tmp_path / "tok")
+    model = trained_a_little(compose(tiny, tokenizer=str(tmp_path / "tok"), lm_training=lm_training))
+    tmp_path = tmp_path / "merged"
     batch = image_batch(model, (3, 6))
     model.merge_to_llava_hf(str(tmp_path))
     ref = LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
@@ -194,6 +219,10 @@ def test_bad_inputs_give_clear_errors(tiny):
     batch = image_batch(model)
     batch["input_ids"][0, 5] = 7  # one placeholder fewer than the image's features
     with pytest.raises(ValueError, match=r"tokens per sample \[15, 16\]"):
+        model(**batch)
+    batch = image_batch(model, (4, 4))  # totals right, samples wrong: n+1 and n-1 placeholders
+    batch["input_ids"][0, 19], batch["input_ids"][1, 5] = model.image_token_id, 7
+    with pytest.raises(ValueError, match=r"tokens per sample \[17, 15\].*whole visuals"):
         model(**batch)
     with pytest.raises(ValueError, match="no image_size/patch_size"):
         compose(tiny, vision="llama")
