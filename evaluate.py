@@ -50,7 +50,7 @@ def _normalise(text: str) -> str:
     return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
-_REFERS_TO_LETTER = {"or", "and", "is", "seems", "looks", "because", "would", "could", "might", "was", "fits"}
+_REFERS_TO_LETTER = {"or", "nor", "and", "is", "seems", "looks", "because", "would", "could", "might", "was", "fits"}
 
 
 def _is_article(text: str, m: re.Match) -> bool:
@@ -81,8 +81,8 @@ def extract_choice(response: str, options) -> str | None:
     if len(repeated) == 1:
         return repeated[0]
     standalone = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)
-                  if not _is_article(text, m)}
-    return standalone.pop() if len(standalone) == 1 and standalone <= set(letters) else None
+                  if not _is_article(text, m)} & set(letters)  # the pronoun "I" is no option
+    return standalone.pop() if len(standalone) == 1 else None
 
 
 def score_mc(predictions: list[dict]) -> dict:
@@ -181,11 +181,12 @@ def plot_scores(summary: dict, path: str):
         return
     splits = [s for s in PUBLISHED_ORDER if s in summary]
     rows = {**{name: dict(zip(PUBLISHED_ORDER, vals)) for name, vals in PUBLISHED.items()},
-            "this run": {s: summary[s]["score"] for s in splits}}
+            "this run": {s: summary[s].get("score") for s in splits}}  # no bar for an OE split without a judge
     fig, ax = plt.subplots(figsize=(2 + 2 * len(splits), 4))
     width = 0.8 / len(rows)
     for i, (name, vals) in enumerate(rows.items()):
-        ax.bar([j + i * width for j in range(len(splits))], [vals.get(s) or 0 for s in splits], width, label=name)
+        heights = [math.nan if vals.get(s) is None else vals[s] for s in splits]  # nan: no bar
+        ax.bar([j + i * width for j in range(len(splits))], heights, width, label=name)
     ax.axhline(MC_RANDOM, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits)
     ax.set(ylabel="score", title="INST-IT Bench (published: INST-IT Table 2; dotted: random MC)")
@@ -332,13 +333,13 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
         if split.endswith("mc"):
             summary[split]["chance"] = MC_RANDOM
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    plot_scores({s: {"score": v.get("score", v.get("oe_proxy"))} for s, v in summary.items()},
-                os.path.join(out_dir, "scores.png"))
+    plot_scores(summary, os.path.join(out_dir, "scores.png"))
     print_summary(summary)
     return summary
 
 
 def print_summary(summary: dict):
+    """The run's scores per split, then the published INST-IT Table 2 rows for the same splits."""
     print(f"{'split':10} {'score':>7} {'total':>6}  notes")
     for split, s in summary.items():
         if "unparsed" in s:
@@ -350,6 +351,11 @@ def print_summary(summary: dict):
         else:
             print(f"{split:10} {'-':>7} {s['total']:6}  no judge configured: oe_proxy {s['oe_proxy']:.1f} "
                   "(token F1 x [ID] agreement, not comparable to judge scores)")
+    splits = [s for s in PUBLISHED_ORDER if s in summary]
+    print("published, INST-IT Table 2: " + "  ".join(f"{s:>8}" for s in splits))
+    for name, vals in PUBLISHED.items():
+        row = dict(zip(PUBLISHED_ORDER, vals))
+        print(f"  {name:25} " + "  ".join(f"{row[s]:8.1f}" if row[s] is not None else f"{'-':>8}" for s in splits))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,8 +418,9 @@ def main(argv=None):
         cmd.add_argument("--judge-cache", help="judge cache file (default: beside --out)")
         cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
     args = p.parse_args(argv)
-    if getattr(args, "judge_base_url", None) and not args.judge_cache:
-        args.judge_cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge.cache.jsonl")
+    if getattr(args, "judge_base_url", None) and not args.judge_cache:  # run: inside --out DIR; score: beside the file
+        folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))
+        args.judge_cache = os.path.join(folder, "judge.cache.jsonl")
 
     if args.command == "score":
         predictions = load_predictions(args.predictions)

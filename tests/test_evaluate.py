@@ -25,6 +25,7 @@ PHRASINGS = [  # (response, chosen letter or None)
     ("The answer is a dog.", None), ("Answer: A", "A"), ("A", "A"), ("a.", "A"),
     ("B is correct because [2] takes notes.", "B"), ("Hence it is A.", "A"),
     ("So the answer is C", "C"), ("My choice: (B)", "B"),
+    ("I think B", "B"), ("I think it is C.", "C"), ("I would choose B", "B"), ("Neither A nor B", None),
 ]
 
 
@@ -158,7 +159,7 @@ def test_offline_oe_is_reported_as_proxy_not_judge():
 # ---------------------------------------------------------------------------------------------------
 # A tiny model end to end through `run` on a 4-question bench.
 
-def test_run_on_a_tiny_bench(tiny, tmp_path):
+def test_run_on_a_tiny_bench(tiny, tmp_path, capsys):
     from PIL import Image
 
     from model import ModelConfig, build_model
@@ -184,6 +185,11 @@ def test_run_on_a_tiny_bench(tiny, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     assert [r["question_id"] for r in rows] == ["i1", "i2", "v1", "v2"]
     assert all(set(r) >= {"question_id", "question", "model_prediction", "ground_truth", "split"} for r in rows)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary)) and "score" not in saved["image_oe"]  # no judge: proxy only
+    assert (tmp_path / "out" / "scores.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "no judge configured: oe_proxy" in printed and "INST-IT (Qwen2-7B)" in printed and "75.3" in printed
     with pytest.raises(SystemExit, match="unknown split"):
         evaluate.main(["run", "--model", "x", "--bench", "y", "--splits", "image_xx", "--out", str(tmp_path)])
     (tmp_path / "empty.json").write_text("[]")
