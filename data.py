@@ -85,8 +85,9 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 
 def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
-    """A mask (bool array, RLE dict, {"mask": RLE}), box [x0, y0, x1, y1] or polygon ([[x, y], ...], a flat
-    [x, y, x, y, ...] or a COCO list of flat polygons) -> (H, W) bool mask for an image of `size` (W, H)."""
+    """A mask (bool array, RLE dict, {"mask": RLE}), box [x0, y0, x1, y1] ({"box": ...}; COCO's {"bbox": [x, y,
+    w, h]}) or polygon ([[x, y], ...], a flat [x, y, x, y, ...] or a COCO list of flat polygons) -> (H, W) bool
+    mask for an image of `size` (W, H)."""
     w, h = size
     if isinstance(spec, dict) and "counts" in spec:
         try:
@@ -96,7 +97,11 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
     elif isinstance(spec, dict):
         key = next((k for k in ("mask", "box", "bbox", "polygon") if k in spec), None)
         if key is None:
-            raise ValueError(f"instance {instance_id}: expected an RLE or a dict with mask/box/polygon, got keys {list(spec)}")
+            raise ValueError(f"instance {instance_id}: expected an RLE or a dict with mask/box/bbox/polygon, "
+                             f"got keys {list(spec)}")
+        if key == "bbox":  # COCO: x, y, width, height
+            x, y, bw, bh = spec["bbox"]
+            return instance_mask([x, y, x + bw, y + bh], size, instance_id)
         return instance_mask(spec[key], size, instance_id)
     elif isinstance(spec, np.ndarray):
         mask = spec.astype(bool)
@@ -163,8 +168,10 @@ def label_position(mask: np.ndarray) -> tuple[int, int]:
     crop = mask[y0:rows[-1] + 1, x0:cols[-1] + 1]
     f = math.ceil(max(crop.shape) / 128)
     h, w = -(-crop.shape[0] // f) * f, -(-crop.shape[1] // f) * f
-    small = np.pad(crop, ((0, h - crop.shape[0]), (0, w - crop.shape[1])))
-    small = small.reshape(h // f, f, w // f, f).any((1, 3))  # "any" keeps thin bars alive
+    blocks = np.pad(crop, ((0, h - crop.shape[0]), (0, w - crop.shape[1]))).reshape(h // f, f, w // f, f)
+    small = blocks.all((1, 3))  # a block counts only when wholly inside: a narrow gap in a C stays open
+    if not small.any():
+        small = blocks.any((1, 3))  # a shape thinner than a block: "any" keeps thin bars alive
     d2 = _squared_distance(_largest_component(small))
     peak = np.argwhere(d2 == d2.max())
     py, px = peak[np.argmin(((peak - peak.mean(0)) ** 2).sum(1))]
@@ -207,6 +214,7 @@ def render_som(image, instances: dict, fill: float = 0.25, line_width: int | Non
     pixels = np.array(image, dtype=np.float32)
     labels = []
     for instance_id, spec in instances.items():
+        instance_id = instance_key(instance_id)  # "02" is [2]: same label, colour and place
         mask = instance_mask(spec, (w, h), instance_id)
         if not mask.any():
             warnings.warn(f"instance {instance_id}: empty mask, no mark drawn")
@@ -220,7 +228,7 @@ def render_som(image, instances: dict, fill: float = 0.25, line_width: int | Non
         contour = crop & ~_erode(crop, line_width)
         pixels[y0:y1, x0:x1][contour] = colour
         place = (label_places or {}).get(str(instance_id))
-        if place is None or not mask[place[1], place[0]]:
+        if place is None or not (place[0] < w and place[1] < h and mask[place[1], place[0]]):
             place = label_position(mask)
         if label_places is not None:
             label_places[str(instance_id)] = place
@@ -843,15 +851,19 @@ def preprocess_image(image, cfg: ModelConfig) -> torch.Tensor:
 def load_visual(visual: dict, cfg: ModelConfig) -> list[Image.Image]:
     """A sample's visual -> its RGB frames: read from paths/bytes or sampled from a video (cfg.max_frames),
     with Set-of-Marks drawn when the visual has `marks` (one label place per ID across its frames)."""
+    marks = visual.get("marks")
     if "video" in visual:
         frames, _ = sample_frames(visual["video"], visual.get("num_frames") or cfg.max_frames)
-    else:
-        frames = [open_image(f) for f in visual["frames"]]
-    if visual.get("marks"):
-        if len(visual["marks"]) != len(frames):
-            raise ValueError(f"{len(visual['marks'])} sets of marks for {len(frames)} frames")
+    else:  # a list of frames (a MIMIC-IT video is one) longer than max_frames is sampled uniformly
+        keep = uniform_indices(len(visual["frames"]), cfg.max_frames)
+        frames = [open_image(visual["frames"][i]) for i in keep]
+        if marks and len(marks) == len(visual["frames"]):
+            marks = [marks[i] for i in keep]
+    if marks:
+        if len(marks) != len(frames):
+            raise ValueError(f"{len(marks)} sets of marks for {len(frames)} frames")
         places = {}
-        frames = [render_som(f, marks or {}, label_places=places) for f, marks in zip(frames, visual["marks"])]
+        frames = [render_som(f, m or {}, label_places=places) for f, m in zip(frames, marks)]
     return frames
 
 
@@ -1213,6 +1225,8 @@ QUESTIONS = {  # the synthetic bench's question kinds -> (question, answer); the
     "relation": ("Where is {a} relative to {b} at <1>?", "{a} is {relation} {b} at <1>."),
 }
 MOTION_WORDS = {m: ("stays still" if m == "still" else f"moves {m}") for m in MOTIONS}
+SYNTHETIC_KINDS = {"image": ("colour", "shape", "size", "position", "relation"),
+                   "video": ("colour", "shape", "size", "motion", "relation")}
 
 
 def synthetic_questions(truth: dict, rng: random.Random, kinds) -> list[dict]:
@@ -1254,8 +1268,7 @@ def write_synthetic_bench(records: list[dict], frames_root: str, out_dir: str, s
     rng, splits = random.Random(seed), {name: [] for name in BENCH_SPLITS}
     for rec in records:
         video = len(rec["frames"]) > 1
-        kinds = ("colour", "shape", "size", "motion", "relation") if video else \
-            ("colour", "shape", "size", "position", "relation")
+        kinds = SYNTHETIC_KINDS["video" if video else "image"]
         folder = os.path.join(frames_root, rec["video_id"])
         media = {"video_path": os.path.relpath(folder, out_dir)} if video else \
             {"image": os.path.relpath(os.path.join(folder, rec["frames"][0]), out_dir)}

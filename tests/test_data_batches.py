@@ -109,8 +109,6 @@ def test_bad_samples_are_errors_naming_them(tok):
         data.encode_sample(sample([("user", "<image>?")], one, "q9"), tok, CFG)
     with pytest.raises(ValueError, match="sample a1: no assistant tokens to learn from"):
         data.encode_sample(sample([("assistant", "I start.")], [], "a1"), tok, CFG)
-    with pytest.raises(ValueError, match="more than max_frames=8"):
-        data.encode_sample(sample([("user", "<image>"), ("assistant", "x")], [{"frames": [image()] * 9}]), tok, CFG)
 
 
 def test_label_masks_are_checked_against_the_template():
@@ -199,6 +197,18 @@ def test_batches_run_through_the_model(tiny, tmp_path):
     lengths = dataset.lengths()
     real = [len(dataset[i]["input_ids"]) for i in range(3)]
     assert all(abs(e - r) <= 0.5 * r for e, r in zip(lengths, real))  # estimates good enough to group by
+
+
+def test_a_frame_list_longer_than_max_frames_is_sampled_uniformly(tok, tmp_path):
+    """A MIMIC-IT video is a list of frame ids; one longer than max_frames is sampled, not an error."""
+    frames = []
+    for i in range(11):
+        image(20 * i).save(tmp_path / f"{i}.png")
+        frames.append(str(tmp_path / f"{i}.png"))
+    out = data.encode_sample(sample(TWO_TURNS, [{"frames": frames, "pooled": True}]), tok, CFG)  # max_frames 8
+    assert out["visual_frames"] == [8] and out["pixel_values"].shape[0] == 8
+    first_and_last = torch.stack([data.preprocess_image(image(0), CFG), data.preprocess_image(image(200), CFG)])
+    assert torch.equal(out["pixel_values"][[0, -1]], first_and_last)
 
 
 def mixture(**kw):

@@ -116,6 +116,11 @@ def test_label_position_is_cheap_and_right_on_large_frames():
     x, y = data.label_position(m)
     assert time.perf_counter() - start < 1.0
     assert m[y, x] and x > 3100
+    narrow = np.zeros((2160, 3840), bool)  # a C whose gap (10 px) is narrower than the downsampling block
+    narrow[100:2100, 100:3700] = True
+    narrow[1095:1105, 1000:3700] = False
+    x, y = data.label_position(narrow)
+    assert narrow[y, x] and min(abs(y - 1100), y - 100, 2100 - y) > 300  # deep inside, not at the gap
 
 
 def test_render_marks_colour_contour_and_label():
@@ -146,6 +151,11 @@ def test_colour_depends_only_on_id_and_marks_stay_across_frames():
     assert places["7"] == place
     data.render_som(frame, {7: away}, label_places=places)
     assert places["7"] != place and away[places["7"][1], places["7"][0]]
+    small = Image.new("RGB", (40, 30), (200, 200, 200))  # a smaller frame: the old place lies outside it
+    data.render_som(small, {7: [0, 0, 20, 20]}, label_places=places)
+    assert places["7"][0] < 40 and places["7"][1] < 30
+    zero_padded = np.array(data.render_som(frame, {"07": first}))  # the released data's "07" is [7]
+    assert np.array_equal(zero_padded, np.array(data.render_som(frame, {7: first})))
 
 
 def test_box_polygon_rle_and_empty_mask():
@@ -154,6 +164,8 @@ def test_box_polygon_rle_and_empty_mask():
     assert data.instance_mask(polygon, (50, 40))[30, 25]
     assert np.array_equal(data.instance_mask([25, 5, 45, 35, 5, 35], (50, 40)), data.instance_mask(polygon, (50, 40)))
     assert data.instance_mask({"box": [0, 0, 10, 10]}, (50, 40)).sum() == 100
+    assert np.array_equal(data.instance_mask({"bbox": [5, 5, 10, 20]}, (50, 40)),  # COCO: x, y, w, h
+                          data.instance_mask({"box": [5, 5, 15, 25]}, (50, 40)))
     rle = encode_rle(data.instance_mask([30, 2, 48, 12], (50, 40)))
     instances = {1: [2, 2, 12, 12], 2: polygon, 3: {"mask": rle}}
     reference = data.render_som(image, instances)
