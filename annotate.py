@@ -149,8 +149,9 @@ class LLMClient:
     def __init__(self, base_url, model, cache_path=None, *, json_mode=False, max_retries=5, timeout=120.0,
                  answer_retries=2, temperature=0.0, max_tokens=4096, image_detail="auto", max_image_side=768,
                  price_per_mtok=(2.5, 10.0), prompt_version=PROMPT_VERSION, batch_file=None):
-        self._key = os.environ.get("OPENAI_API_KEY") or "none"  # local servers accept any key
-        self.sdk = openai.OpenAI(base_url=base_url, api_key=self._key, max_retries=max_retries, timeout=timeout)
+        self._key = os.environ.get("OPENAI_API_KEY")  # never printed, logged or stored
+        self.sdk = openai.OpenAI(base_url=base_url, api_key=self._key or "none",  # local servers take any key
+                                 max_retries=max_retries, timeout=timeout)
         self.model, self.json_mode, self.answer_retries = model, json_mode, answer_retries
         self.temperature, self.max_tokens, self.prompt_version = temperature, max_tokens, prompt_version
         self.image_detail, self.max_image_side, self.price = image_detail, max_image_side, price_per_mtok
@@ -240,7 +241,8 @@ class LLMClient:
         try:
             return self._accept(key, self.sdk.chat.completions.create(**body).model_dump())
         except (openai.OpenAIError, ValueError, LLMError) as e:  # ValueError: a response body that is not JSON
-            reason = f"{type(e).__name__}: {e}".replace(self._key, "***")
+            reason = f"{type(e).__name__}: {e}"
+            reason = reason.replace(self._key, "***") if self._key else reason
             self._record([key], "failed", reason=reason)
             raise LLMError(reason) from None
 
@@ -342,7 +344,8 @@ def annotations_text(frame_annotations):
             lines.append(f"<{f['timestamp']}>")
         for i, c in f["instance_level"].items():  # a caption may be {"short", "long"} (masked release)
             lines.append(f"[{i}]: {c if isinstance(c, str) else c.get('long') or c.get('short')}")
-        lines.append(f"Frame: {f['image_level']}")
+        if f.get("image_level"):  # the oracle leaves it empty for a frame with a single instance
+            lines.append(f"Frame: {f['image_level']}")
         if f.get("temporal_change"):
             lines.append(f"Change since the previous frame: {f['temporal_change']}")
     return data.normalize_text("\n".join(lines))
@@ -574,7 +577,7 @@ def oracle_record(rec, media_root, som_dir, seed=0):
                          "image_level": image_level or None, "temporal_change": change})
         previous = centres
     video = len(rendered) > 1
-    kinds = ("colour", "shape", "size", "motion", "relation") if video else ("colour", "shape", "size", "position", "relation")
+    kinds = data.SYNTHETIC_KINDS["video" if video else "image"]
     pairs = {q["question"]: q["answer"] for _ in range(2) for q in data.synthetic_questions(truth, rng, kinds)}
     summary = None
     if video:
@@ -763,11 +766,11 @@ def review(out_json=None):
     for rec in records:
         page.append(f"<h2>{esc(record_name(rec))}</h2><table>")
         for frame, (_, path) in zip(*record_frames(rec)):
-            time_label = "" if frame["timestamp"] is None else f"&lt;{frame['timestamp']}&gt;"
+            time_label = "" if frame["timestamp"] is None else esc(f"<{frame['timestamp']}>")
             captions = "".join(f"<li>[{esc(str(i))}] {esc(str(c))}</li>" for i, c in frame["instance_level"].items())
             change = frame.get("temporal_change")
             page.append(f"<tr><td><img src='{esc(quote(path))}'></td><td>{time_label}<ul>{captions}</ul>"
-                        f"<p>{esc(frame['image_level'])}</p>"
+                        f"<p>{esc(frame.get('image_level') or '')}</p>"
                         + (f"<p><i>change:</i> {esc(change)}</p>" if change else "") + "</td></tr>")
         page.append("</table>")
         if rec.get("video_level_caption"):

@@ -471,6 +471,7 @@ def test_review_page_escapes_text(media, server):
     out = media / "out" / "out.json"
     records = json.loads(out.read_text())
     records[0]["frame_level_caption"][0]["image_level"] = "<script>alert(1)</script> [1]"
+    records[0]["frame_level_caption"][1]["image_level"] = None  # the oracle writes none for a lone instance
     out.write_text(json.dumps(records))
     assert annotate.main(["review", str(out)]) == 0
     page = (media / "out" / "out.html").read_text()
