@@ -129,15 +129,36 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> its largest 4-connected component. Each pixel takes the largest label among its
-    neighbours until nothing changes (cheap on the <= 128 px grids label_position uses)."""
-    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
-    while True:
-        p = np.pad(labels, 1)
-        spread = np.maximum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]) * mask
-        if np.array_equal(spread, labels):
-            return labels == np.bincount(labels.ravel())[1:].argmax() + 1
-        labels = spread
+    """(h, w) bool -> its largest 4-connected component. Union-find over each row's runs of True pixels:
+    two runs in neighbouring rows join when their columns overlap (a mask has a few runs per row, so this
+    loop is short where a per-pixel flood fill would not be)."""
+    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    row, start = np.nonzero(edges == 1)   # runs in row-major order: start column ...
+    end = np.nonzero(edges == -1)[1]      # ... and end column (exclusive) of each
+    parent = list(range(len(start)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
+
+    first = np.searchsorted(row, np.arange(mask.shape[0] + 1)).tolist()  # runs of row y: first[y]:first[y+1]
+    start_, end_ = start.tolist(), end.tolist()
+    for y in range(1, mask.shape[0]):
+        i, j, i_end, j_end = first[y - 1], first[y], first[y], first[y + 1]
+        while i < i_end and j < j_end:  # walk both rows' runs left to right
+            if start_[i] < end_[j] and start_[j] < end_[i]:
+                parent[root(i)] = root(j)
+            if end_[i] < end_[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.array([root(i) for i in range(len(start_))])
+    sizes = np.bincount(roots, weights=end - start)
+    out = np.zeros_like(mask)
+    for y, a, b in zip(row[roots == sizes.argmax()], start[roots == sizes.argmax()], end[roots == sizes.argmax()]):
+        out[y, a:b] = True
+    return out
 
 
 def _squared_distance(mask: np.ndarray) -> np.ndarray:
@@ -210,8 +231,8 @@ def render_som(image, instances: dict, fill: float = 0.25, line_width: int | Non
     image = open_image(image)
     w, h = image.size
     line_width = line_width or max(1, round(min(w, h) / 250))
-    font_size = font_size or max(12, round(min(w, h) / 16))
-    pixels = np.array(image, dtype=np.float32)
+    font_size = font_size or max(8, round(min(w, h) / 16))  # 14 px at 224, 135 px at 4K; the floor for tiny frames
+    pixels = np.array(image)  # (H, W, 3) uint8; each instance is drawn inside its bounding box only
     labels = []
     for instance_id, spec in instances.items():
         instance_id = instance_key(instance_id)  # "02" is [2]: same label, colour and place
@@ -220,20 +241,19 @@ def render_som(image, instances: dict, fill: float = 0.25, line_width: int | Non
             warnings.warn(f"instance {instance_id}: empty mask, no mark drawn")
             continue
         colour = np.array(id_colour(instance_id), np.float32)
-        pixels[mask] = pixels[mask] * (1 - fill) + colour * fill
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         y0, y1 = max(0, rows[0] - 1), rows[-1] + 2
         x0, x1 = max(0, cols[0] - 1), cols[-1] + 2
-        crop = mask[y0:y1, x0:x1]
-        contour = crop & ~_erode(crop, line_width)
-        pixels[y0:y1, x0:x1][contour] = colour
+        crop, region = mask[y0:y1, x0:x1], pixels[y0:y1, x0:x1]  # region is a view into pixels
+        region[crop] = (region[crop] * (1 - fill) + colour * fill).round().astype(np.uint8)
+        region[crop & ~_erode(crop, line_width)] = colour  # the contour
         place = (label_places or {}).get(str(instance_id))
         if place is None or not (place[0] < w and place[1] < h and mask[place[1], place[0]]):
             place = label_position(mask)
         if label_places is not None:
             label_places[str(instance_id)] = place
         labels.append((str(instance_id).strip(), place, tuple(int(c) for c in colour)))
-    out = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    out = Image.fromarray(pixels)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=font_size)
     pad = max(2, font_size // 4)
@@ -777,7 +797,11 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
         os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json"))
     samples = []
     for file in files:
-        task = read_json(file)
+        try:
+            task = read_json(file)
+        except ValueError as e:  # one broken task file in a folder of hundreds: report it, keep the rest
+            log.warning("%s (skipped)", e)
+            continue
         if not isinstance(task, dict) or not isinstance(task.get("Instances"), list):
             log.warning("%s: not a Natural Instructions task file (no Instances list; skipped)", file)
             continue
@@ -993,7 +1017,8 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
     pixels = [preprocess_image(f, cfg) for visual in frames for f in visual]
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(target),
             "pixel_values": torch.stack(pixels) if pixels else None,
-            "visual_frames": [len(f) for f in frames], "visual_pooled": pooled, "id": name}
+            "visual_frames": [len(f) for f in frames], "visual_pooled": pooled, "id": name,
+            "source": sample.get("source", "?")}
 
 
 def collate(samples: list, pad_token_id: int, padding_side: str = "right") -> dict | None:
@@ -1119,7 +1144,8 @@ class MixtureSampler(torch.utils.data.Sampler):
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
            "purple": (140, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (25, 25, 25)}
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"tiny": 0.09, "small": 0.115, "medium": 0.14, "large": 0.17}  # radius as a fraction of the image side
+SIZES = {"tiny": 0.11, "small": 0.14, "medium": 0.17, "large": 0.21}  # radius as a fraction of the image side:
+# even a tiny shape (21 px across at 96 px) stays larger than its ID label box (about 12 px)
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 

@@ -61,6 +61,9 @@ class TrainConfig:
     save_every: int = 500
     compile: bool = False
     report_to: str | None = None              # "tensorboard" or "wandb", through accelerate
+    eval_bench: str | None = None             # an INST-IT Bench file/folder scored at the end (evaluate.run_bench)
+    eval_every: int = 0                       # > 0: also score it every K steps
+    eval_splits: str = "image_mc,video_mc"    # splits to score (OE needs a judge for a real score)
     demo: bool = False                        # the README's `make demo`: a synthetic world, a tiny model
     som: bool = True                          # demo: --no-som shows the model the frames without marks
     scenes: int = 1500                        # demo: training scenes (half images, half 8-frame videos)
@@ -73,9 +76,9 @@ class TrainConfig:
 
 def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     """CLI -> (TrainConfig, ModelConfig overrides). Every field of both dataclasses is a flag; --config
-    FILE.json gives defaults that explicit flags override; the stage preset fills the rest."""
+    FILE.json|yaml gives defaults that explicit flags override; the stage preset fills the rest."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON file with any of the fields below")
+    p.add_argument("--config", help="JSON or YAML file with any of the fields below (flags override it)")
     model_fields = [f for f in fields(ModelConfig) if f.name not in ("image_size", "patch_size", "has_cls",
                                                                      "image_mean", "image_std")]
     for f in fields(TrainConfig) + tuple(model_fields):
@@ -89,7 +92,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
         else:
             p.add_argument(flag, type=kind, default=None, help=f"(default: {f.default})")
     args = vars(p.parse_args(argv))
-    given = json.load(open(args.pop("config"))) if args.get("config") else {}
+    given = read_config(args.pop("config"), fields(TrainConfig) + tuple(model_fields)) if args.get("config") else {}
     given.update({k: v for k, v in args.items() if v is not None})
     if given.get("demo"):
         given = {**DEMO, **given}
@@ -105,6 +108,25 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     return cfg, model_overrides
 
 
+def read_config(path: str, known) -> dict:
+    """A JSON or YAML config file -> {field: value}, numbers given as strings converted to the field's type
+    (YAML reads 2e-5 as a string), so a bad value fails here and not after the model has loaded."""
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            given = yaml.safe_load(f) or {}
+        else:
+            given = json.load(f)
+    types = {f.name: f.type for f in known}
+    for name, value in given.items():
+        if types.get(name) in (int, float) and isinstance(value, str):
+            try:
+                given[name] = types[name](value)
+            except ValueError:
+                raise SystemExit(f"{path}: {name} = {value!r} is not a{'n int' if types[name] is int else ' number'}")
+    return given
+
+
 def parse_sources(specs: list[str]) -> list[tuple[str, float]]:
     """["a.json:0.7", "b.json:0.3"] -> [(path, ratio)]; ratios are normalised to sum to 1."""
     sources = []
@@ -116,8 +138,8 @@ def parse_sources(specs: list[str]) -> list[tuple[str, float]]:
             weight = float(ratio)
         except ValueError:
             raise SystemExit(f"--data {spec!r}: ratio {ratio!r} is not a number (use PATH:RATIO, e.g. a.json:0.5)")
-        if weight <= 0:
-            raise SystemExit(f"--data {spec!r}: ratio must be positive")
+        if not (0 < weight < math.inf):
+            raise SystemExit(f"--data {spec!r}: ratio must be a positive number")
         if not os.path.exists(path):
             raise SystemExit(f"--data {spec!r}: {path} does not exist")
         sources.append((path, weight))
@@ -164,7 +186,7 @@ def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, wor
 
     def collate(samples):
         batch = data.collate(samples, pad_token_id)
-        return batch and {**batch, "ids": [s["id"] for s in samples if s is not None]}
+        return batch and {**batch, "ids": [f"{s['source']}: {s['id']}" for s in samples if s is not None]}
 
     order = (batch[rank::world] for batch in itertools.islice(sampler.stream(), start, None))
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=num_workers,
@@ -222,13 +244,15 @@ def latest_checkpoint(out: str) -> str | None:
 
 def train(cfg: TrainConfig, overrides: dict) -> dict:
     """Run one stage; returns {"step", "loss", "out"}. Writes metrics.jsonl, checkpoints and final/."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     sources = parse_sources(cfg.data)
     if not sources:
         raise SystemExit("no --data given (or use --demo)")
+    # find_unused_parameters: a text-only batch never reaches the vision tower and projector (mixed tuning)
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                              log_with=cfg.report_to, project_dir=cfg.out)
+                              log_with=cfg.report_to, project_dir=cfg.out,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
     if resume_from:  # rebuild the same model, then load its trained tensors
@@ -251,18 +275,20 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, start=step: cosine_with_warmup(start + s, total, warmup))
     if resume_from:
         set_rng_states(state["rng"])
-        truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)
+        if accelerator.is_main_process:
+            truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)
     wrapped = accelerator.prepare(torch.compile(model) if cfg.compile else model)
     os.makedirs(cfg.out, exist_ok=True)
     if accelerator.is_main_process:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)}, f, indent=1)
-    if cfg.report_to:
-        accelerator.init_trackers("inst-it", config=dataclasses.asdict(cfg))
+    if cfg.report_to:  # trackers take scalars and strings only (tensorboard's hparams)
+        accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in dataclasses.asdict(cfg).items()})
 
     stop = {"signal": None}  # SIGINT/SIGTERM: finish the step, save, exit cleanly
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     stream = batches(dataset, sampler, model.tokenizer.pad_token_id, cfg.num_workers, micro,
                      accelerator.process_index, accelerator.num_processes)
     log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if accelerator.is_main_process else None
@@ -284,8 +310,10 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
             with sync, accelerator.autocast():
                 loss = wrapped(**batch).loss
                 if not torch.isfinite(loss):
-                    raise SystemExit(f"non-finite loss {loss.item()} at step {step + 1}, micro-batch {i} "
-                                     f"(samples {sample_ids}); the last good checkpoint is in {cfg.out}")
+                    last = latest_checkpoint(cfg.out)
+                    raise SystemExit(f"non-finite loss {loss.item()} at step {step + 1}, micro-batch {i}, samples "
+                                     f"{sample_ids}; " + (f"the last good checkpoint is {last} (--resume)" if last
+                                                          else "no checkpoint was saved yet (see --save-every)"))
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += loss.item() / cfg.grad_accum
         grad_norm = accelerator.clip_grad_norm_([p for ps in groups.values() for p in ps], cfg.max_grad_norm)
@@ -300,7 +328,7 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
             seconds = time.perf_counter() - start
             record = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[-1],
                       "grad_norm": float(grad_norm), "tokens_per_s": tokens * accelerator.num_processes / seconds,
-                      "padded_fraction": padded / (tokens + padded),
+                      "padded_fraction": padded / max(1, tokens + padded),
                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -308,6 +336,14 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
                 accelerator.log(record, step=step)
         if accelerator.is_main_process and (step % cfg.save_every == 0 or stop["signal"] is not None):
             save_checkpoint(os.path.join(cfg.out, f"checkpoint-{step}"), model, optimizer, step, micro, rng_states())
+        if cfg.eval_bench and accelerator.is_main_process and (
+                (cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            scores = evaluate_on_bench(model, cfg, step)
+            if log_file:
+                log_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
+                log_file.flush()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     bar.close()
     if accelerator.is_main_process:
         if stop["signal"] is not None:
@@ -320,6 +356,16 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
     return {"step": step, "loss": loss_value, "out": cfg.out}
 
 
+def evaluate_on_bench(model, cfg: TrainConfig, step: int) -> dict:
+    """Score the model on cfg.eval_bench (evaluate.run_bench, greedy) -> {split: score}; back to training."""
+    import evaluate
+
+    model.eval()
+    summary = evaluate.run_bench(model, cfg.eval_bench, cfg.eval_splits.split(","), os.path.join(cfg.out, f"eval-{step}"))
+    model.train()
+    return {split if "score" in s else f"{split} oe_proxy": s.get("score", s.get("oe_proxy")) for split, s in summary.items()}
+
+
 def plot_loss(out: str):
     """metrics.jsonl -> loss.png (skipped, with a note, when matplotlib is not installed)."""
     try:
@@ -329,7 +375,7 @@ def plot_loss(out: str):
     except ImportError:
         print("matplotlib not installed: no loss.png (pip install matplotlib)", file=sys.stderr)
         return
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="optimizer step", ylabel="training loss", title=os.path.basename(os.path.abspath(out)))
@@ -346,6 +392,7 @@ DEMO = dict(  # defaults under --demo (flags still override): a tiny model train
     batch_size=16, grad_accum=1, max_steps=1500, max_length=1024, num_workers=0, log_every=10, save_every=500,
     lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
+DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -402,8 +449,10 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
         annotate.render_record(r, world, world / "bench_som", len(r["frames"]))
     if not cfg.som:  # the model sees the raw frames
         records = [{**r, "video_path": f"media/{r['video_id']}"} for r in records]
-    train_json = world / "train.json"
+    train_json, general_json = world / "train.json", world / "general.json"
     annotate.write_json_atomic(train_json, records)
+    frames_root = "train_som/videos" if cfg.som else "media"
+    annotate.write_json_atomic(general_json, demo_general_data(train_records, frames_root, cfg.seed))
     bench = world / "bench"
     data.write_synthetic_bench(bench_records, str(world / ("bench_som/videos" if cfg.som else "media")), str(bench),
                                cfg.seed)
@@ -415,7 +464,8 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
     print(f"demo world: {len(records)} annotated scenes, {len(questions)} bench questions, "
           f"{time.perf_counter() - started:.0f} s; marks {'on' if cfg.som else 'off (--no-som)'}")
 
-    result = train(dataclasses.replace(cfg, data=[str(train_json)], media_root=str(world)), overrides)
+    mixture = [f"{train_json}:{1 - DEMO_GENERAL_RATIO}", f"{general_json}:{DEMO_GENERAL_RATIO}"]
+    result = train(dataclasses.replace(cfg, data=mixture, media_root=str(world)), overrides)
     if result["step"] < (cfg.max_steps or 1):
         return result  # stopped by a signal: --resume continues
     model = LlavaStyleModel.from_pretrained(str(out / "final"))
@@ -429,15 +479,49 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
         rows = [p for p in predictions if p["split"] == split]
         kinds = sorted({p["question_id"].rsplit("-", 1)[1] for p in rows})
         by_kind = {k: [p for p in rows if p["question_id"].endswith("-" + k)] for k in kinds}
-        score = (lambda ps: evaluate.score_mc(ps)["score"]) if split.endswith("mc") else \
-            (lambda ps: 100 * sum(evaluate.oe_proxy(p["model_prediction"], p["ground_truth"]) for p in ps) / len(ps))
+        score = (lambda ps: evaluate.score_mc(ps)["score"]) if split.endswith("mc") else demo_exact
         results["splits"][split] = {**scores, "by_kind": {k: round(score(ps), 1) for k, ps in by_kind.items()}}
+        if split.endswith("oe"):  # templated answers share most words: the proxy flatters, exact match does not
+            results["splits"][split]["exact"] = demo_exact(rows)
     evaluate.write_json(str(out / "results.json"), results)
     demo_pictures(out, train_records[:8], predictions[:8], questions)
     print(json.dumps({s: {k: v for k, v in r.items() if k in ("score", "oe_proxy", "by_kind")}
                       for s, r in results["splits"].items()}, indent=1))
     print(f"{out}/results.json, loss.png, som_frames.png, answers.png ({results['minutes']} min)")
     return {**result, "results": results}
+
+
+def demo_exact(predictions: list[dict]) -> float:
+    """% of OE answers equal to the reference, ignoring case, spaces and punctuation (the demo's answers are
+    templated, so a right answer is the reference sentence)."""
+    def norm(text):
+        return "".join(c for c in text.lower() if c.isalnum())
+    return 100 * sum(norm(p["model_prediction"]) == norm(p["ground_truth"]) for p in predictions) / len(predictions)
+
+
+def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[dict]:
+    """LLaVA-format MC and OE questions about the *training* scenes, asked as the bench asks them. INST-IT mixes
+    its data with LLaVA's, whose MC questions teach "answer with the option's letter"; this is that part of
+    the mixture for the demo (the bench's scenes are never used)."""
+    import random
+
+    import data
+    import evaluate
+
+    rng, rows = random.Random(seed), []
+    for rec in records:
+        video = len(rec["frames"]) > 1
+        folder = f"{frames_root}/{rec['video_id']}"
+        media = {"video": folder} if video else {"image": f"{folder}/{rec['frames'][0]}"}
+        for q in data.synthetic_questions(rec["truth"], rng, data.SYNTHETIC_KINDS["video" if video else "image"]):
+            mc = rng.random() < 0.5
+            options = dict(zip("ABCD", q["options"])) if mc else None
+            asked = evaluate.bench_sample({"question_id": "", "split": ("video" if video else "image") + "_mc",
+                                           "question": q["question"], "options": options, "media": "", "file": ""}, 8)
+            answer = "ABCD"[q["options"].index(q["value"])] if mc else q["answer"]
+            rows.append({"id": f"{rec['video_id']}-{q['kind']}", **media, "conversations": [
+                {"from": "human", "value": asked["messages"][0]["content"]}, {"from": "gpt", "value": answer}]})
+    return rows
 
 
 def demo_pictures(out, records, predictions, questions):

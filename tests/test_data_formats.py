@@ -271,6 +271,7 @@ def test_natural_instructions_task_file(tmp_path):
             "Instances": [{"id": "task1-1", "input": "Japan", "output": ["Tokyo"]}, {"id": "task1-2", "input": "Mali"}]}
     (tmp_path / "tasks").mkdir()
     write(tmp_path / "tasks/task001.json", task)
+    (tmp_path / "tasks/task002.json").write_text('{"Definition": ["cut short')  # one broken file: reported, skipped
     samples = data.load_natural_instructions(str(tmp_path / "tasks"))
     assert len(samples) == 1 and samples[0]["visuals"] == []
     assert samples[0]["messages"] == chat((U, "Answer with the capital of the country.\n\nPositive example 1:\n"

@@ -41,11 +41,11 @@ def args(tiny, data_root, out, *extra):
 
 
 def losses(out):
-    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
 
 
 def test_loss_decreases_and_frozen_parameters_stay(tiny, colour_data, tmp_path):
-    result = train.main(args(tiny, colour_data, tmp_path, "--max-steps", "30", "--trainable-vision-layers", "1",
+    result = train.main(args(tiny, colour_data, tmp_path, "--max-steps", "30", "--trainable-vision-layers", "2",
                              "--lm-training", "full"))
     curve = losses(tmp_path)
     assert result["step"] == 30 and len(curve) == 30
@@ -54,7 +54,12 @@ def test_loss_decreases_and_frozen_parameters_stay(tiny, colour_data, tmp_path):
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "padded_fraction", "peak_memory_gb"}
     # The final checkpoint holds exactly the trained tensors; everything else equals the base weights.
     trained = LlavaStyleModel.from_pretrained(str(tmp_path / "final"), device="cpu")
-    base = train.load_model(*train.parse_args(args(tiny, colour_data, tmp_path, "--trainable-vision-layers", "1",
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "final" / "trained.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == {n for n, p in trained.named_parameters() if p.requires_grad}  # projector, LM, vision layer 2
+    assert not any(".layers.0." in n or ".layers.1." in n for n in saved if n.startswith("vision"))
+    base = train.load_model(*train.parse_args(args(tiny, colour_data, tmp_path, "--trainable-vision-layers", "2",
                                                    "--lm-training", "full")),
                             "cpu")
     base_params, trained_params = dict(base.named_parameters()), dict(trained.named_parameters())
@@ -65,7 +70,7 @@ def test_loss_decreases_and_frozen_parameters_stay(tiny, colour_data, tmp_path):
 
 def test_sigterm_then_resume_gives_the_same_losses(tiny, colour_data, tmp_path):
     """A run stopped by SIGTERM mid-way saves a checkpoint; --resume then reproduces the uninterrupted losses."""
-    common = ("--max-steps", "8", "--save-every", "100", "--trainable-vision-layers", "1")
+    common = ("--max-steps", "8", "--save-every", "100", "--trainable-vision-layers", "2")
     train.main(args(tiny, colour_data, tmp_path / "straight", *common))
     cmd = [sys.executable, "train.py", *args(tiny, colour_data, tmp_path / "stopped", *common)]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), stderr=subprocess.PIPE, text=True)
@@ -106,13 +111,38 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, colour_data):
         train.parse_args(["--data", f"{colour_data}/llava.json:half"])
     with pytest.raises(SystemExit, match="--stage must be one of"):
         train.parse_args(["--stage", "pretrain"])
+    with pytest.raises(SystemExit, match="positive number"):
+        train.parse_args(["--data", f"{colour_data}/llava.json:nan"])
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(SystemExit, match="bad.yaml: lr = 'fast' is not a number"):
+        train.parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_yaml_config_with_flags_overriding_it(tmp_path, colour_data):
+    (tmp_path / "run.yaml").write_text(f"lr: 2e-5\nmax_steps: '7'\nstage: sft\nlora_r: 4\n"
+                                       f"data: ['{colour_data}/llava.json:0.7', '{colour_data}/text.json:0.3']\n")
+    cfg, model_overrides = train.parse_args(["--config", str(tmp_path / "run.yaml"), "--lora-r", "16"])
+    assert (cfg.lr, cfg.max_steps, cfg.stage, len(cfg.data)) == (2e-5, 7, "sft", 2)  # YAML's "2e-5" is a string
+    assert model_overrides["lora_r"] == 16 and model_overrides["trainable_vision_layers"] == 0
+
+
+def test_evaluation_on_a_bench_during_training(tiny, colour_data, tmp_path):
+    options = dict(zip(("choice_a", "choice_b", "choice_c", "choice_d"), COLOURS))
+    bench = [{"question_id": f"q{i}", "question": "What colour is the image?", "answer": "ABCD"[i % 4],
+              "image": f"{i}.png", **options} for i in range(4)]
+    (colour_data / "bench.json").write_text(json.dumps(bench))
+    train.main(args(tiny, colour_data, tmp_path, "--max-steps", "2", "--eval-bench", str(colour_data / "bench.json"),
+                    "--eval-every", "1", "--eval-splits", "image_mc"))
+    evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(0 <= r["eval"]["image_mc"] <= 100 for r in evals)
+    assert (tmp_path / "eval-2" / "predictions.jsonl").exists() and len(losses(tmp_path)) == 2
 
 
 def test_two_process_run(tiny, colour_data, tmp_path):
     """DDP on CPU through accelerate (gloo), launched as accelerate/torchrun would."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
-           *args(tiny, colour_data, tmp_path, "--max-steps", "2")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",  # with text-only
+           *args(tiny, colour_data, tmp_path, "--max-steps", "2", "--data", f"{colour_data}/text.json:1")]  # batches
     run = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
