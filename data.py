@@ -580,7 +580,7 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
     `path`: a flat JSON/JSONL copy, a folder of them (or of the hub's parquet files, with pyarrow), or a list
     of records (e.g. a `datasets` split). Options may be choice_a..choice_d or an `options` dict/list. The
     split ("image_mc", "image_oe", "video_mc", "video_oe"; the hub names work too) follows from the record:
-    video_path -> video, options -> multiple choice. `media`: the image (PIL image, bytes or path) or the
+    video_path -> video, options -> multiple choice; a file named *multi_choice* / *open_ended* must agree. `media`: the image (PIL image, bytes or path) or the
     video's frame folder. `media_root` (default: the file's folder) holds relative media paths."""
     wanted = None if splits is None else {BENCH_SPLITS.get(s, s) for s in splits}
     if wanted and not wanted <= set(BENCH_SPLITS.values()):
@@ -607,6 +607,10 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
 
     questions = []
     for file, records, root in sources:
+        # The hub's folders and the flat copies are named by split (image_multi_choice/, video_open_ended.json):
+        # a name says MC or OE, so an MC record that lost its options is an error, not an OE question.
+        declared = "mc" if "multi_choice" in file else "oe" if "open_ended" in file else None
+
         def convert(rec):
             question = normalize_text(need(rec, "question"))
             options = rec.get("options") or {L: rec[f"choice_{L.lower()}"] for L in "ABCDEFGH" if rec.get(f"choice_{L.lower()}")}
@@ -615,6 +619,13 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
             if not isinstance(options, dict):
                 raise RecordError("options", f"expected a dict or list, got {type(options).__name__}")
             options = {str(k).strip("() .").upper(): str(v) for k, v in options.items()} or None
+            if declared and declared != ("mc" if options else "oe"):
+                raise RecordError("options", "missing in a multiple-choice file" if declared == "mc"
+                                  else "given in an open-ended file")
+            modality = "video" if rec.get("video_path") is not None else "image"
+            split = f"{modality}_{'mc' if options else 'oe'}"
+            if wanted and split not in wanted:
+                return []
             answer = str(need(rec, "answer", (str, int))).strip()
             if options:  # MC: the letter, also when the record gives the option's text
                 letter = answer.strip("().:* ").upper()
@@ -622,14 +633,11 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
                 if letter is None:
                     raise RecordError("answer", f"{answer[:40]!r} is neither an option letter {sorted(options)} nor an option")
                 answer = letter
-            if rec.get("video_path") is not None:
-                modality, visual = "video", media(rec["video_path"], root, "video_path")
+            if modality == "video":
+                visual = media(rec["video_path"], root, "video_path")
             else:
                 key = "image" if rec.get("image") is not None else "image_path"
-                modality, visual = "image", media(need(rec, key, object), root, key)
-            split = f"{modality}_{'mc' if options else 'oe'}"
-            if wanted and split not in wanted:
-                return []
+                visual = media(need(rec, key, object), root, key)
             return [{"question_id": str(need(rec, "question_id", (str, int))), "split": split, "question": question,
                      "options": options, "answer": answer, "media": visual, "file": file}]
 

@@ -134,7 +134,8 @@ def bench(tmp_path):
     mc = {"question_id": "001-01", "question": "What is [02] doing?", "answer": "B", "image": "images/a.jpg",
           **{f"choice_{c}": f"option {c}" for c in "abcd"}}
     write(tmp_path / "image_multi_choices.json", [
-        mc, dict(mc, question_id="001-02", answer="option c"), dict(mc, question_id="001-03", answer="E")])
+        mc, dict(mc, question_id="001-02", answer="option c"), dict(mc, question_id="001-03", answer="E"),
+        {"question_id": "001-04", "question": "Lost its choices?", "answer": "B", "image": "images/a.jpg"}])
     write(tmp_path / "image_open_ended.json", [{"question_id": "001-01", "question": "What is [2] doing?",
                                                 "answer": "[2] takes notes.", "image": "images/a.jpg"}])
     write(tmp_path / "video_multi_choice.jsonl", [{"question_id": 5, "question": "When?", "answer": "(d)",
@@ -157,6 +158,7 @@ def test_bench_both_shapes_splits_and_answers(bench, caplog):
     video = by[("video_mc", "5")]
     assert video["answer"] == "D" and video["media"] == str(bench / "videos/v1")
     assert "record #2 (question_id 001-03): answer: 'E' is neither an option letter" in caplog.text
+    assert "record #3 (question_id 001-04): options: missing in a multiple-choice file" in caplog.text
     assert {q["split"] for q in data.load_instit_bench(str(bench), splits=["video_multi_choice", "image_oe"])} == {
         "video_mc", "image_oe"}
     with pytest.raises(ValueError, match="unknown bench split.*image_xx"):
