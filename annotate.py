@@ -239,7 +239,8 @@ class LLMClient:
                     self._batched.add(key)
                 raise BatchPending(f"waiting for the batch answer of request {key[:12]}")
         try:
-            return self._accept(key, self.sdk.chat.completions.create(**body).model_dump())
+            raw = self.sdk.chat.completions.with_raw_response.create(**body)  # the SDK's retries still apply
+            return self._accept(key, json.loads(raw.text))  # plain JSON: no pydantic parse and dump per answer
         except (openai.OpenAIError, ValueError, LLMError) as e:  # ValueError: a response body that is not JSON
             reason = f"{type(e).__name__}: {e}"
             reason = reason.replace(self._key, "***") if self._key else reason
