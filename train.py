@@ -357,11 +357,15 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
 
 
 def evaluate_on_bench(model, cfg: TrainConfig, step: int) -> dict:
-    """Score the model on cfg.eval_bench (evaluate.run_bench, greedy) -> {split: score}; back to training."""
+    """Score the model on cfg.eval_bench (evaluate.run_bench, greedy) -> {split: score}; back to training.
+    Multiple-choice answers are a letter, so MC-only evaluation generates at most 16 tokens."""
     import evaluate
 
     model.eval()
-    summary = evaluate.run_bench(model, cfg.eval_bench, cfg.eval_splits.split(","), os.path.join(cfg.out, f"eval-{step}"))
+    splits = cfg.eval_splits.split(",")
+    summary = evaluate.run_bench(model, cfg.eval_bench, splits, os.path.join(cfg.out, f"eval-{step}"),
+                                 batch_size=max(8, cfg.batch_size),
+                                 max_new_tokens=16 if all(s.endswith("mc") for s in splits) else 256)
     model.train()
     return {split if "score" in s else f"{split} oe_proxy": s.get("score", s.get("oe_proxy")) for split, s in summary.items()}
 
@@ -465,7 +469,8 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
           f"{time.perf_counter() - started:.0f} s; marks {'on' if cfg.som else 'off (--no-som)'}")
 
     mixture = [f"{train_json}:{1 - DEMO_GENERAL_RATIO}", f"{general_json}:{DEMO_GENERAL_RATIO}"]
-    result = train(dataclasses.replace(cfg, data=mixture, media_root=str(world)), overrides)
+    result = train(dataclasses.replace(cfg, data=mixture, media_root=str(world),  # --eval-every: a learning curve
+                                       eval_bench=str(bench) if cfg.eval_every else None), overrides)
     if result["step"] < (cfg.max_steps or 1):
         return result  # stopped by a signal: --resume continues
     model = LlavaStyleModel.from_pretrained(str(out / "final"))
@@ -474,7 +479,8 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
                                  max_new_tokens=24, num_frames=8)
     predictions = evaluate.load_predictions(str(out / "bench" / "predictions.jsonl"))
     results = {"som": cfg.som, "steps": result["step"], "seed": cfg.seed,
-               "minutes": round((time.perf_counter() - started) / 60, 2), "chance_mc": evaluate.MC_RANDOM, "splits": {}}
+               "minutes": round((time.perf_counter() - started) / 60, 2), "chance_mc": evaluate.MC_RANDOM, "splits": {},
+               "curve": [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]}
     for split, scores in summary.items():
         rows = [p for p in predictions if p["split"] == split]
         kinds = sorted({p["question_id"].rsplit("-", 1)[1] for p in rows})

@@ -69,15 +69,18 @@ def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
 
 
 def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
-    result = train.main(["--demo", "--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2"])
+    result = train.main(["--demo", "--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2",
+                         "--eval-every", "3"])
     assert result["step"] == 6
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["som"] is True and results["chance_mc"] == 25.0
     assert set(results["splits"]) == {"image_mc", "image_oe", "video_mc", "video_oe"}
     for split, scores in results["splits"].items():
         assert scores["total"] > 0 and scores["by_kind"]
-        value = scores["score"] if split.endswith("mc") else scores["oe_proxy"]
-        assert 0 <= value <= 100
+        values = [scores["score"]] if split.endswith("mc") else [scores["oe_proxy"], scores["exact"]]
+        assert all(0 <= v <= 100 for v in values)
+    assert [c["step"] for c in results["curve"]] == [3, 6]  # --eval-every: the learning curve on the bench
+    assert set(results["curve"][0]["eval"]) == {"image_mc", "video_mc"}
     for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
     bench = json.loads((tmp_path / "world" / "bench" / "image_multi_choice.json").read_text())
@@ -91,3 +94,20 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
     assert bench and all("/media/" in "/" + q["video_path"] for q in bench)
     records = json.loads((tmp_path / "world" / "train.json").read_text())
     assert all(r["video_path"].startswith("media/") for r in records)
+
+
+def test_general_data_asks_about_training_scenes_with_the_right_letter(tmp_path):
+    records = data.synthetic_world(str(tmp_path), 10, seed=2, num_frames=8, size=96, prefix="train")
+    rows = train.demo_general_data(records, "media", seed=0)
+    truth = {r["video_id"]: r["truth"]["instances"] for r in records}
+    checked = 0
+    for row in rows:
+        scene, kind = row["id"].rsplit("-", 1)
+        question, answer = row["conversations"][0]["value"], row["conversations"][1]["value"]
+        assert scene.startswith("train")  # never a bench scene
+        if kind == "colour" and "\nA. " in question:
+            asked = question[question.index("[") + 1:question.index("]")]
+            options = dict(line.split(". ", 1) for line in question.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. "))
+            assert options[answer] == truth[scene][asked]["colour"]
+            checked += 1
+    assert checked > 0
