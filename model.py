@@ -411,13 +411,22 @@ class LlavaStyleModel(nn.Module):
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
-                visual_pooled=None, position_ids=None):
+                visual_pooled=None, position_ids=None, return_logits=True):
         """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token
-        loss over labels != -100, computed as transformers' LLaVA does (fp32 logits)."""
+        loss over labels != -100, computed as transformers' LLaVA does (fp32 logits).
+
+        return_logits=False (training): the LM head runs only where a label is set, so no (B, L, V) logits
+        exist: at 6K context most positions are visual tokens, and full fp32 logits over a 32k vocabulary
+        are ~0.8 GB per sample. Same loss, same gradients; .logits is None."""
         with self.autocast():
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
             hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                            position_ids=position_ids).last_hidden_state
+            if not return_logits and labels is not None:
+                targets = labels[:, 1:].to(hidden.device)
+                labelled = targets != -100
+                logits = self.lm.get_output_embeddings()(hidden[:, :-1][labelled])  # (N labelled, V)
+                return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets[labelled]), logits=None)
             logits = self.lm.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:

@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
             padded += int((batch["attention_mask"] == 0).sum())
             sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
             with sync, accelerator.autocast():
-                loss = wrapped(**batch).loss
+                loss = wrapped(**batch, return_logits=False).loss  # the LM head on labelled positions only
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(cfg.out)
                     raise SystemExit(f"non-finite loss {loss.item()} at step {step + 1}, micro-batch {i}, samples "

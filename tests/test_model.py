@@ -104,6 +104,21 @@ def test_gradients_reach_exactly_the_trainable_parameters_and_frozen_layers_stay
         assert torch.equal(p, before[n]) != p.requires_grad, n  # trained changed, frozen bit-identical
 
 
+def test_loss_from_labelled_positions_only_equals_the_full_loss(tiny):
+    """return_logits=False computes the LM head only where labels are set: same loss, same gradients."""
+    model = compose(tiny)
+    batch = image_batch(model, (3, 7))
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(**batch, return_logits=return_logits)
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert (out.logits is None) != return_logits
+    assert abs(results[0][0] - results[1][0]) <= 1e-6
+    assert all(torch.allclose(results[0][1][n], results[1][1][n], atol=1e-6) for n in results[0][1])
+
+
 def test_trainable_vision_layers_count_the_encoders_original_depth(tiny):
     """INST-IT trains the last 12 of 24 layers, i.e. freezes the first 12, whatever the feature layer cuts."""
     for trainable, tail in [(0, 0), (1, 0), (2, 1), (3, 2), (4, 3), (10, 3)]:  # layer 4 of 4 is cut (feature -2)
