@@ -393,7 +393,7 @@ def plot_loss(out: str):
 
 DEMO = dict(  # defaults under --demo (flags still override): a tiny model trained from scratch on CPU
     out="runs/demo", lr=1e-3, projector_lr=1e-3, vision_lr=1e-3, weight_decay=0.01, warmup_ratio=0.05,
-    batch_size=16, grad_accum=1, max_steps=1500, max_length=1024, num_workers=0, log_every=10, save_every=500,
+    batch_size=16, grad_accum=1, max_steps=1000, max_length=1024, num_workers=0, log_every=10, save_every=500,
     lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
@@ -490,7 +490,8 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
         if split.endswith("oe"):  # templated answers share most words: the proxy flatters, exact match does not
             results["splits"][split]["exact"] = demo_exact(rows)
     evaluate.write_json(str(out / "results.json"), results)
-    demo_pictures(out, train_records[:8], predictions[:8], questions)
+    shown = [p for split in evaluate.SPLITS for p in [q for q in predictions if q["split"] == split][:2]]
+    demo_pictures(out, train_records[:8], shown, questions)  # two questions of each split
     print(json.dumps({s: {k: v for k, v in r.items() if k in ("score", "oe_proxy", "by_kind")}
                       for s, r in results["splits"].items()}, indent=1))
     print(f"{out}/results.json, loss.png, som_frames.png, answers.png ({results['minutes']} min)")
@@ -531,8 +532,11 @@ def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[
 
 
 def demo_pictures(out, records, predictions, questions):
-    """som_frames.png: a few marked scenes; answers.png: bench questions, the model's answers, the truth."""
+    """som_frames.png: a few marked scenes; answers.png: bench questions, the model's answers (green when
+    right, red when wrong), the truth."""
     from PIL import Image, ImageDraw
+
+    import evaluate
 
     frames = [Image.open(out / "world" / "train_som" / "videos" / r["video_id"] / r["frames"][0]) for r in records]
     sheet = Image.new("RGB", (len(frames) * DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE))
@@ -548,8 +552,12 @@ def demo_pictures(out, records, predictions, questions):
         y = k * 2 * DEMO_IMAGE_SIZE
         page.paste(frame.convert("RGB").resize((2 * DEMO_IMAGE_SIZE,) * 2, Image.NEAREST), (0, y))
         options = " ".join(f"{L}. {v}" for L, v in (p.get("options") or {}).items())
-        draw.multiline_text((2 * DEMO_IMAGE_SIZE + 10, y + 10), f"Q: {p['question']}\n{options}\nmodel: "
-                            f"{p['model_prediction']}\ntruth: {p['ground_truth']}", fill="black", spacing=6)
+        right = (evaluate.extract_choice(p["model_prediction"], p["options"]) == p["ground_truth"] if p.get("options")
+                 else demo_exact([p]) == 100)
+        x = 2 * DEMO_IMAGE_SIZE + 10
+        draw.multiline_text((x, y + 10), f"Q: {p['question']}\n{options}", fill="black", spacing=6)
+        draw.text((x, y + 52), f"model: {p['model_prediction']}", fill=(0, 140, 0) if right else (200, 0, 0))
+        draw.text((x, y + 70), f"truth: {p['ground_truth']}", fill="black")
     page.save(out / "answers.png")
 
 
