@@ -164,7 +164,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def _squared_distance(mask: np.ndarray) -> np.ndarray:
     """(h, w) bool -> squared Euclidean distance of each pixel to the nearest False pixel, everything outside
     the array counting as False. Exact: vertical distances per column, then the minimum over columns of
-    g(x')^2 + (x - x')^2. O(h w^2), so callers keep w small."""
+    g(x')^2 + (x - x')^2. O(h w^2), so callers keep w small (label_position: <= LABEL_GRID)."""
     p = np.pad(mask, 1)
     h, w = p.shape
     rows = np.arange(h)[:, None]
@@ -176,18 +176,21 @@ def _squared_distance(mask: np.ndarray) -> np.ndarray:
     return d2[1:-1, 1:-1]
 
 
+LABEL_GRID = 64  # label_position's working resolution: 1/64 of the mask is precise enough for a label
+
+
 def label_position(mask: np.ndarray) -> tuple[int, int]:
     """(H, W) bool mask -> (x, y) where its ID label goes: the point of the largest component farthest from
     the border (the distance-transform peak; the image edge counts as border), so it lies inside C-shapes,
     rings and thin bars, where a centroid may not. Ties go to the point nearest the middle of the plateau.
-    Works on the mask's bounding box, downsampled to <= 128 px, so 4K frames stay cheap."""
+    Works on the mask's bounding box, downsampled to <= LABEL_GRID px, so 4K frames stay cheap."""
     mask = np.asarray(mask, bool)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows):
         raise ValueError("an empty mask has no label position")
     y0, x0 = rows[0], cols[0]
     crop = mask[y0:rows[-1] + 1, x0:cols[-1] + 1]
-    f = math.ceil(max(crop.shape) / 128)
+    f = math.ceil(max(crop.shape) / LABEL_GRID)
     h, w = -(-crop.shape[0] // f) * f, -(-crop.shape[1] // f) * f
     blocks = np.pad(crop, ((0, h - crop.shape[0]), (0, w - crop.shape[1]))).reshape(h // f, f, w // f, f)
     small = blocks.all((1, 3))  # a block counts only when wholly inside: a narrow gap in a C stays open
