@@ -10,6 +10,7 @@ weights, optimizer, scheduler, RNG states and the data position, so `--resume` c
 """
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -367,7 +368,8 @@ def evaluate_on_bench(model, cfg: TrainConfig, step: int) -> dict:
                                  batch_size=max(8, cfg.batch_size),
                                  max_new_tokens=16 if all(s.endswith("mc") for s in splits) else 256)
     model.train()
-    return {split if "score" in s else f"{split} oe_proxy": s.get("score", s.get("oe_proxy")) for split, s in summary.items()}
+    return {split if "score" in s else f"{split} oe_proxy": s.get("score", s.get("oe_proxy"))
+            for split, s in summary.items()}
 
 
 def plot_loss(out: str):
@@ -446,8 +448,10 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
     som = world / "train_som"
     if cfg.base_url:  # the real three-stage annotator on the same SoM frames
         client = annotate.LLMClient(cfg.base_url, cfg.annotator_model, str(world / "train.cache.jsonl"))
-        records, failures = annotate.run_all(lambda r: annotate.annotate_record(client, r, world, som, 16, DEMO_MARK_FILL),
-                                             train_records, [r["video_id"] for r in train_records], 8, client, "annotate")
+        annotate_one = functools.partial(annotate.annotate_record, client, media_root=world, som_dir=som,
+                                         num_frames=16, fill=DEMO_MARK_FILL)
+        records, failures = annotate.run_all(annotate_one, train_records, [r["video_id"] for r in train_records],
+                                             8, client, "annotate")
         records = [r for r in records if r is not None]
     else:
         records = [annotate.oracle_record(r, world, som, cfg.seed, DEMO_MARK_FILL)
@@ -502,11 +506,12 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
 
 
 def demo_exact(predictions: list[dict]) -> float:
-    """% of OE answers equal to the reference, ignoring case, spaces and punctuation (the demo's answers are
-    templated, so a right answer is the reference sentence)."""
-    def norm(text):
-        return "".join(c for c in text.lower() if c.isalnum())
-    return 100 * sum(norm(p["model_prediction"]) == norm(p["ground_truth"]) for p in predictions) / len(predictions)
+    """% of OE answers equal to the reference, ignoring case and punctuation (the demo's answers are templated,
+    so a right answer is the reference sentence)."""
+    import evaluate
+
+    same = [evaluate._normalise(p["model_prediction"]) == evaluate._normalise(p["ground_truth"]) for p in predictions]
+    return 100 * sum(same) / len(same)
 
 
 def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[dict]:
@@ -526,7 +531,8 @@ def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[
         for q in data.synthetic_questions(rec["truth"], rng, data.SYNTHETIC_KINDS["video" if video else "image"]):
             mc = rng.random() < 0.5
             options = dict(zip("ABCD", q["options"])) if mc else None
-            asked = evaluate.bench_sample({"question_id": "", "split": ("video" if video else "image") + "_mc",
+            split = ("video" if video else "image") + ("_mc" if mc else "_oe")
+            asked = evaluate.bench_sample({"question_id": "", "split": split,
                                            "question": q["question"], "options": options, "media": "", "file": ""}, 8)
             answer = "ABCD"[q["options"].index(q["value"])] if mc else q["answer"]
             rows.append({"id": f"{rec['video_id']}-{q['kind']}", **media, "conversations": [

@@ -137,7 +137,8 @@ def bench(tmp_path):
         mc, dict(mc, question_id="001-02", answer="option c"), dict(mc, question_id="001-03", answer="E"),
         {"question_id": "001-04", "question": "Lost its choices?", "answer": "B", "image": "images/a.jpg"}])
     write(tmp_path / "image_open_ended.json", [{"question_id": "001-01", "question": "What is [2] doing?",
-                                                "answer": "[2] takes notes.", "image": "images/a.jpg"}])
+                                                "answer": "[2] takes notes.", "image": "images/a.jpg"},
+                                               dict(mc, question_id="001-05")])  # choices in an OE file
     write(tmp_path / "video_multi_choice.jsonl", [{"question_id": 5, "question": "When?", "answer": "(d)",
                                                    "video_path": "videos/v1",
                                                    "options": {"A": "<1>", "B": "<2>", "C": "<3>", "D": "<4>"}}])
@@ -159,6 +160,7 @@ def test_bench_both_shapes_splits_and_answers(bench, caplog):
     assert video["answer"] == "D" and video["media"] == str(bench / "videos/v1")
     assert "record #2 (question_id 001-03): answer: 'E' is neither an option letter" in caplog.text
     assert "record #3 (question_id 001-04): options: missing in a multiple-choice file" in caplog.text
+    assert "image_open_ended.json: record #1 (question_id 001-05): options: given in an open-ended file" in caplog.text
     assert {q["split"] for q in data.load_instit_bench(str(bench), splits=["video_multi_choice", "image_oe"])} == {
         "video_mc", "image_oe"}
     with pytest.raises(ValueError, match="unknown bench split.*image_xx"):
@@ -266,7 +268,7 @@ def test_multiinstruct_templates_drawn_per_instance_with_a_seed(tmp_path, caplog
     assert all(s["messages"][0]["content"].startswith("<image>\nT2: ") for s in fixed)
 
 
-def test_natural_instructions_task_file(tmp_path):
+def test_natural_instructions_task_file(tmp_path, caplog):
     task = {"Definition": ["Answer with the capital of the country."],
             "Positive Examples": [{"input": "France", "output": "Paris", "explanation": "."},
                                   {"input": "Peru", "output": "Lima"}, {"input": "Chad", "output": "N'Djamena"}],
@@ -274,7 +276,9 @@ def test_natural_instructions_task_file(tmp_path):
     (tmp_path / "tasks").mkdir()
     write(tmp_path / "tasks/task001.json", task)
     (tmp_path / "tasks/task002.json").write_text('{"Definition": ["cut short')  # one broken file: reported, skipped
-    samples = data.load_natural_instructions(str(tmp_path / "tasks"))
+    with caplog.at_level(logging.WARNING):
+        samples = data.load_natural_instructions(str(tmp_path / "tasks"))
+    assert "task002.json: not valid JSON" in caplog.text and "(skipped)" in caplog.text
     assert len(samples) == 1 and samples[0]["visuals"] == []
     assert samples[0]["messages"] == chat((U, "Answer with the capital of the country.\n\nPositive example 1:\n"
                                               "Input: France\nOutput: Paris\n\nPositive example 2:\nInput: Peru\n"
