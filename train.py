@@ -246,6 +246,7 @@ def latest_checkpoint(out: str) -> str | None:
 def train(cfg: TrainConfig, overrides: dict) -> dict:
     """Run one stage; returns {"step", "loss", "out"}. Writes metrics.jsonl, checkpoints and final/."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import gather_object
 
     sources = parse_sources(cfg.data)
     if not sources:
@@ -261,7 +262,9 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
     else:
         model = load_model(cfg, overrides, accelerator.device)
     dataset, sampler = build_data(cfg, model, sources, accelerator.num_processes)
-    groups = model.parameter_groups()
+    wrapped = accelerator.prepare(torch.compile(model) if cfg.compile else model)
+    torch.manual_seed(cfg.seed + accelerator.process_index)  # built alike, but each process its own dropout masks
+    groups = model.parameter_groups()  # after prepare, as accelerate asks (a wrapper may replace parameters)
     lrs = {"projector": cfg.projector_lr, "vision": cfg.vision_lr, "language": cfg.lr}
     optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
                                   weight_decay=cfg.weight_decay)
@@ -274,11 +277,12 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
         step, micro = state["step"], state["micro_batches"]
     # The schedule counts from the resumed step, so the learning rate continues where it stopped.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, start=step: cosine_with_warmup(start + s, total, warmup))
+    optimizer = accelerator.prepare(optimizer)  # the schedule stays ours: accelerate's would step once per process
     if resume_from:
-        set_rng_states(state["rng"])
+        rng = state["rng"]  # one entry per process of the run that saved it
+        set_rng_states(rng[min(accelerator.process_index, len(rng) - 1)])
         if accelerator.is_main_process:
             truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)
-    wrapped = accelerator.prepare(torch.compile(model) if cfg.compile else model)
     os.makedirs(cfg.out, exist_ok=True)
     if accelerator.is_main_process:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -296,7 +300,8 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
     bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", disable=not accelerator.is_main_process)
     model.train()
     loss_value = float("nan")
-    while step < total and stop["signal"] is None:
+    stopping = False
+    while step < total and not stopping:
         start, tokens, padded, loss_sum = time.perf_counter(), 0, 0, 0.0
         for i in range(cfg.grad_accum):
             batch = next(stream)
@@ -335,8 +340,13 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
             log_file.flush()
             if cfg.report_to:
                 accelerator.log(record, step=step)
-        if accelerator.is_main_process and (step % cfg.save_every == 0 or stop["signal"] is not None):
-            save_checkpoint(os.path.join(cfg.out, f"checkpoint-{step}"), model, optimizer, step, micro, rng_states())
+        stopping = stop["signal"] is not None
+        if accelerator.num_processes > 1:  # all processes stop at the same step, or the others hang in all-reduce
+            stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device), "max"))
+        if step % cfg.save_every == 0 or stopping:
+            states = gather_object([rng_states()])  # every process's RNG, so a multi-GPU resume is exact too
+            if accelerator.is_main_process:
+                save_checkpoint(os.path.join(cfg.out, f"checkpoint-{step}"), model, optimizer, step, micro, states)
         if cfg.eval_bench and accelerator.is_main_process and (
                 (cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             scores = evaluate_on_bench(model, cfg, step)
@@ -347,8 +357,9 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
         signal.signal(sig, handler)
     bar.close()
     if accelerator.is_main_process:
-        if stop["signal"] is not None:
-            print(f"stopped by signal {stop['signal']} at step {step}; --resume continues", file=sys.stderr)
+        if stopping:
+            print(f"stopped by signal {stop['signal'] or '(to another process)'} at step {step}; --resume continues",
+                  file=sys.stderr)
         else:
             model.save_pretrained(os.path.join(cfg.out, "final"))
             plot_loss(cfg.out)

@@ -138,12 +138,34 @@ def test_evaluation_on_a_bench_during_training(tiny, colour_data, tmp_path):
     assert (tmp_path / "eval-2" / "predictions.jsonl").exists() and len(losses(tmp_path)) == 2
 
 
-def test_two_process_run(tiny, colour_data, tmp_path):
-    """DDP on CPU through accelerate (gloo), launched as accelerate/torchrun would."""
+def test_two_process_run_and_its_exact_resume(tiny, colour_data, tmp_path):
+    """DDP on CPU through accelerate (gloo), launched as accelerate/torchrun would, with text-only batches (no
+    vision) and LoRA dropout; resuming from step 2's checkpoint repeats steps 3-4 exactly, every process's
+    RNG included (the two processes see different samples, so their dropout streams differ)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",  # with text-only
-           *args(tiny, colour_data, tmp_path, "--max-steps", "2", "--data", f"{colour_data}/text.json:1")]  # batches
-    run = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert len(losses(tmp_path)) == 2 and os.path.exists(tmp_path / "final" / "trained.safetensors")
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+               *args(tiny, colour_data, out, "--max-steps", "4", "--save-every", "2", "--data",
+                     f"{colour_data}/text.json:0.5", *extra)]
+        run = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+
+    launch(tmp_path / "full")
+    assert os.path.exists(tmp_path / "full" / "final" / "trained.safetensors")
+    rng = torch.load(tmp_path / "full" / "checkpoint-2" / "train_state.pt", weights_only=False)["rng"]
+    assert len(rng) == 2
+    (tmp_path / "resumed").mkdir()
+    os.system(f"cp -r {tmp_path}/full/checkpoint-2 {tmp_path}/resumed/")  # what a run killed after step 2 leaves
+    launch(tmp_path / "resumed", "--resume")
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full")[2:], abs=1e-5)
+
+
+def test_a_non_finite_loss_stops_naming_step_samples_and_checkpoint(tiny, colour_data, tmp_path):
+    """An absurd learning rate blows the weights up in step 1, so step 2's loss is not finite."""
+    with pytest.raises(SystemExit, match=r"non-finite loss \S+ at step 2, micro-batch 0, samples \[.*llava.json: \d"
+                                         r".*last good checkpoint is .*checkpoint-1 \(--resume\)"):
+        train.main(args(tiny, colour_data, tmp_path, "--max-steps", "3", "--save-every", "1", "--lr", "1e30",
+                        "--projector-lr", "1e30", "--lm-training", "full"))
+    assert (tmp_path / "checkpoint-1" / "train_state.pt").exists() and not (tmp_path / "checkpoint-2").exists()
