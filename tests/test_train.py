@@ -169,3 +169,14 @@ def test_a_non_finite_loss_stops_naming_step_samples_and_checkpoint(tiny, colour
         train.main(args(tiny, colour_data, tmp_path, "--max-steps", "3", "--save-every", "1", "--lr", "1e30",
                         "--projector-lr", "1e30", "--lm-training", "full"))
     assert (tmp_path / "checkpoint-1" / "train_state.pt").exists() and not (tmp_path / "checkpoint-2").exists()
+
+
+def test_report_to_tensorboard(tiny, colour_data, tmp_path):
+    """--report-to goes through accelerate's trackers: the run's loss and learning rate land in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.main(args(tiny, colour_data, tmp_path, "--max-steps", "2", "--report-to", "tensorboard"))
+    runs = [os.path.join(d, "") for d, _, files in os.walk(tmp_path) if any("tfevents" in f for f in files)]
+    assert runs, "no TensorBoard event file written"
+    scalars = set().union(*(EventAccumulator(r).Reload().Tags()["scalars"] for r in runs))
+    assert {"loss", "lr", "grad_norm"} <= scalars
