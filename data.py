@@ -179,11 +179,13 @@ def _squared_distance(mask: np.ndarray) -> np.ndarray:
 LABEL_GRID = 64  # label_position's working resolution: 1/64 of the mask is precise enough for a label
 
 
-def label_position(mask: np.ndarray) -> tuple[int, int]:
+def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]:
     """(H, W) bool mask -> (x, y) where its ID label goes: the point of the largest component farthest from
     the border (the distance-transform peak; the image edge counts as border), so it lies inside C-shapes,
     rings and thin bars, where a centroid may not. Ties go to the point nearest the middle of the plateau.
-    Works on the mask's bounding box, downsampled to <= LABEL_GRID px, so 4K frames stay cheap."""
+    Works on the mask's bounding box, downsampled to <= LABEL_GRID px, so 4K frames stay cheap.
+    `grid` (a ViT's patch size): moved to the nearest centre of a grid cell inside the mask, so the label
+    lies whole in one patch token instead of in pieces across four."""
     mask = np.asarray(mask, bool)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows):
@@ -204,7 +206,14 @@ def label_position(mask: np.ndarray) -> tuple[int, int]:
         ys, xs = np.nonzero(crop)
         k = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
         cy, cx = ys[k], xs[k]
-    return int(x0 + cx), int(y0 + cy)
+    x, y = int(x0 + cx), int(y0 + cy)
+    if grid:
+        gy, gx = np.mgrid[grid // 2:mask.shape[0]:grid, grid // 2:mask.shape[1]:grid]
+        distance = np.where(mask[gy, gx], (gx - x) ** 2 + (gy - y) ** 2, np.inf)
+        if np.isfinite(distance).any():  # else the mask holds no cell centre: keep the peak
+            k = np.unravel_index(np.argmin(distance), distance.shape)
+            x, y = int(gx[k]), int(gy[k])
+    return x, y
 
 
 def id_colour(instance_id) -> tuple[int, int, int]:
@@ -223,14 +232,17 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def render_som(image, instances: dict, fill: float = 0.25, line_width: int | None = None,
-               font_size: int | None = None, label_places: dict | None = None) -> Image.Image:
+               font_size: int | None = None, label_places: dict | None = None, grid: int | None = None,
+               mark_colour: tuple | None = None) -> Image.Image:
     """An image and {instance ID: mask | RLE | box | polygon} -> a copy with Set-of-Marks drawn (INST-IT 2.1):
     a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`.
 
     Colour and label text come from the annotation's instance/track ID, so they stay fixed across the
     frames of a video. Pass the same `label_places` dict for every frame: a label then stays where it was
     for as long as that point is inside the instance's mask. Line width and font size scale with the image
-    (legible from 224 px to 4K). Empty masks are skipped with a warning."""
+    (legible from 224 px to 4K). Empty masks are skipped with a warning. `grid`: labels on patch centres
+    (label_position); `mark_colour`: one colour for every mark instead of the ID's, so that a world painted in
+    saturated colours cannot mistake a mark for an object (the demo draws them white)."""
     image = open_image(image)
     w, h = image.size
     line_width = line_width or max(1, round(min(w, h) / 250))
@@ -243,7 +255,7 @@ def render_som(image, instances: dict, fill: float = 0.25, line_width: int | Non
         if not mask.any():
             warnings.warn(f"instance {instance_id}: empty mask, no mark drawn")
             continue
-        colour = np.array(id_colour(instance_id), np.float32)
+        colour = np.array(mark_colour or id_colour(instance_id), np.float32)
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         y0, y1 = max(0, rows[0] - 1), rows[-1] + 2
         x0, x1 = max(0, cols[0] - 1), cols[-1] + 2
@@ -252,7 +264,7 @@ def render_som(image, instances: dict, fill: float = 0.25, line_width: int | Non
         region[crop & ~_erode(crop, line_width)] = colour  # the contour
         place = (label_places or {}).get(str(instance_id))
         if place is None or not (place[0] < w and place[1] < h and mask[place[1], place[0]]):
-            place = label_position(mask)
+            place = label_position(mask, grid)
         if label_places is not None:
             label_places[str(instance_id)] = place
         labels.append((str(instance_id).strip(), place, tuple(int(c) for c in colour)))

@@ -108,6 +108,28 @@ def test_label_on_largest_component_and_away_from_the_image_edge():
         data.label_position(np.zeros((5, 5), bool))
 
 
+def test_grid_puts_the_label_on_the_nearest_patch_centre_inside_the_mask():
+    """grid=16: the label lies whole in one 16 px patch token (the demo's tiny ViT), not across four."""
+    m = np.zeros((96, 96), bool)
+    m[30:70, 20:60] = True  # the distance peak (39.5, 49.5) is on a patch border
+    x, y = data.label_position(m, grid=16)
+    assert (x % 16, y % 16) == (8, 8) and m[y, x] and abs(x - 39.5) <= 16 and abs(y - 49.5) <= 16
+    sliver = np.zeros((96, 96), bool)
+    sliver[20:24, 10:60] = True  # no patch centre (rows 8, 24, ...) inside: the peak stays
+    assert data.label_position(sliver, grid=16) == data.label_position(sliver)
+
+
+def test_one_mark_colour_for_all_ids():
+    image = Image.new("RGB", (96, 96), (128, 128, 128))
+    boxes = {1: [4, 4, 40, 40], 2: [50, 50, 90, 90]}
+    out = np.array(data.render_som(image, boxes, fill=0.0, mark_colour=(255, 255, 255), grid=16))
+    drawn = out[(out != 128).any(-1)]
+    assert (drawn.max(1) == drawn.min(1)).all()  # white contours and boxes, black (antialiased) digits: no hue
+    for i in boxes:
+        x, y = data.label_position(data.instance_mask(boxes[i], (96, 96)), grid=16)
+        assert (out[y - 2:y + 3, x - 2:x + 3] < 80).all(-1).any()  # the digit's dark ink at the patch centre
+
+
 def test_label_position_is_cheap_and_right_on_large_frames():
     m = np.zeros((2160, 3840), bool)
     m[200:2000, 300:3500] = True
