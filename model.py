@@ -35,7 +35,8 @@ class ModelConfig:
     pool_stride: int = 2                  # 2x2 spatial pooling of video / multi-visual frames (INST-IT 2.4)
     pool_mode: str = "average"            # "average" or "bilinear"; odd grids round up (27x27 -> 14x14)
     max_frames: int = 32                  # frames per video (INST-IT 3.1)
-    trainable_vision_layers: int = 12     # last N of the encoder's layers trained; 0 = frozen (INST-IT: 12 of 24)
+    trainable_vision_layers: int = 12     # last N of the encoder's layers trained; 0 = frozen (INST-IT: 12 of 24);
+    #                                       all: nothing frozen, the patch and position embeddings train too
     lm_training: str = "lora"             # "lora", "full" or "frozen"
     lora_r: int = 128
     lora_alpha: int = 256
@@ -307,13 +308,20 @@ class LlavaStyleModel(nn.Module):
         layers = encoder_layers(self.vision)
         return list(layers[max(0, self.vision_depth - self.cfg.trainable_vision_layers):])
 
+    def trainable_vision_embeddings(self) -> list:
+        """The patch and position embeddings, trained only when no block is frozen (trainable_vision_layers >=
+        the depth): an encoder learned from scratch, as in the demo, would otherwise keep its random ones."""
+        if self.cfg.trainable_vision_layers < self.vision_depth:
+            return []
+        return [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]
+
     def _freeze_vision(self):
         """Freeze all but the trainable tail. A frozen parameter records no autograd graph (what no_grad
         does); the trainable tail records one. LLaVA's tower was decorated with no_grad, so "unfreezing" it
         trained nothing (DESIGN 6): tests check the tail gets gradients."""
         tail = self.trainable_vision_tail()
         self.vision.requires_grad_(False)
-        for layer in tail:
+        for layer in tail + self.trainable_vision_embeddings():
             layer.requires_grad_(True)
         if tail and self.cfg.gradient_checkpointing:
             self.vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -328,7 +336,8 @@ class LlavaStyleModel(nn.Module):
         """Trainable parameters must be exactly projector + LM (LoRA or full) + unfrozen vision layers."""
         expected = {
             "projector": sum(p.numel() for p in self.projector.parameters()),
-            "vision": sum(p.numel() for layer in self.trainable_vision_tail() for p in layer.parameters()),
+            "vision": sum(p.numel() for part in self.trainable_vision_tail() + self.trainable_vision_embeddings()
+                          for p in part.parameters()),
             "language": self._expected_lm_trainable,
         }
         actual = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}

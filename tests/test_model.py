@@ -104,6 +104,20 @@ def test_gradients_reach_exactly_the_trainable_parameters_and_frozen_layers_stay
         assert torch.equal(p, before[n]) != p.requires_grad, n  # trained changed, frozen bit-identical
 
 
+def test_all_layers_trainable_trains_the_embeddings_too(tiny):
+    """An encoder trained from scratch (the demo) must learn its patch and position embeddings; with any
+    layer frozen (INST-IT) they stay frozen."""
+    for trainable, embeddings_train in [(3, False), (4, True)]:  # tiny CLIP has 4 layers
+        model = compose(tiny, trainable_vision_layers=trainable)
+        embedding = model.vision.embeddings  # transformers 5: CLIPVisionModel without the vision_model wrapper
+        assert all(p.requires_grad == embeddings_train for p in embedding.parameters())
+    model(**image_batch(model)).loss.backward()
+    assert embedding.patch_embedding.weight.grad.abs().sum() > 0
+    assert embedding.position_embedding.weight.grad.abs().sum() > 0
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_loss_from_labelled_positions_only_equals_the_full_loss(tiny):
     """return_logits=False computes the LM head only where labels are set: same loss, same gradients."""
     model = compose(tiny)
