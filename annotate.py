@@ -504,24 +504,24 @@ def _raise_all(errors):
         raise cls("; ".join(f"{where}: {e}" for where, e in errors))
 
 
-def render_record(rec, media_root, som_dir, num_frames=8, fill=0.25):
+def render_record(rec, media_root, som_dir, num_frames=8, marks=None):
     """IN.json record -> [(frame name, SoM frame, IDs drawn)], the SoM frames saved under som_dir/images/ or
-    som_dir/videos/<video_id>/ (the same marks whoever annotates them: GPT or the demo's oracle). `fill`: the
-    tint of each instance in its ID's colour (data.render_som)."""
+    som_dir/videos/<video_id>/ (the same marks whoever annotates them: GPT or the demo's oracle). `marks`: the
+    style, as keyword arguments of data.render_som (fill, grid, mark_colour); None: its defaults."""
     folder = "images" if "image_path" in rec else f"videos/{_safe(rec['video_id'])}"
     os.makedirs(som_dir / folder, exist_ok=True)
     rendered, places = [], {}  # one label_places per record: a label keeps its place across frames
     for name, image, entries in load_frames(rec, media_root, num_frames):
         drawn = _drawn(entries, image.size, f"segmentations of {name}")
-        som = data.render_som(image, drawn, fill=fill, label_places=places)
+        som = data.render_som(image, drawn, label_places=places, **(marks or {}))
         som.save(som_dir / folder / name, quality=95)  # format from the frame's extension
         rendered.append((name, som, set(drawn)))
     return rendered
 
 
-def annotate_record(client, rec, media_root, som_dir, num_frames=8, fill=0.25):
+def annotate_record(client, rec, media_root, som_dir, num_frames=8, marks=None):
     """One IN.json record -> one INST-IT dataset record (Eq. 1-3), its SoM frames saved under som_dir."""
-    rendered = render_record(rec, media_root, som_dir, num_frames, fill)
+    rendered = render_record(rec, media_root, som_dir, num_frames, marks)
     errors, captions = [], []  # every stage is tried, so one re-run (or one batch) covers all that is missing
     for t, (name, som, ids) in enumerate(rendered, 1):
         prev_som, prev_ids = rendered[t - 2][1:] if t > 1 else (None, ())
@@ -548,11 +548,11 @@ def annotate_record(client, rec, media_root, som_dir, num_frames=8, fill=0.25):
     return out
 
 
-def oracle_record(rec, media_root, som_dir, seed=0, fill=0.25):
+def oracle_record(rec, media_root, som_dir, seed=0, marks=None):
     """A synthetic-world IN.json record (data.synthetic_world, with its `truth`) -> the INST-IT record that
     annotate_record writes, with the same SoM frames, but every text written from the ground truth: the
     demo's annotator, which needs no API. Its output passes check_record, as GPT's answers must."""
-    rendered = render_record(rec, media_root, som_dir, num_frames=len(rec["frames"]), fill=fill)
+    rendered = render_record(rec, media_root, som_dir, num_frames=len(rec["frames"]), marks=marks)
     truth, rng = rec["truth"], random.Random(f"{seed}-{rec['video_id']}")
     size, captions, previous = truth["size"], [], None
     for t, (name, _, ids) in enumerate(rendered, 1):
