@@ -333,7 +333,8 @@ class LlavaStyleModel(nn.Module):
                 p.data = p.data.float()
 
     def _check_trainable(self):
-        """Trainable parameters must be exactly projector + LM (LoRA or full) + unfrozen vision layers."""
+        """Trainable parameters must be exactly projector + LM (LoRA or full) + unfrozen vision layers (and the
+        embeddings when no layer is frozen)."""
         expected = {
             "projector": sum(p.numel() for p in self.projector.parameters()),
             "vision": sum(p.numel() for part in self.trainable_vision_tail() + self.trainable_vision_embeddings()

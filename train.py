@@ -404,11 +404,12 @@ def plot_loss(out: str):
 # ---------------------------------------------------------------------------------------------------
 # The demo (`make demo`): the whole method in miniature on a synthetic world, no weights, data or API key.
 
-DEMO = dict(  # defaults under --demo (flags still override): a tiny model trained from scratch on CPU
+# Defaults under --demo (flags still override): a tiny model trained from scratch on CPU; all 4 ViT layers
+# train, and with no layer frozen its embeddings train too (model.trainable_vision_embeddings).
+DEMO = dict(
     out="runs/demo", lr=3e-4, projector_lr=3e-4, vision_lr=3e-4, weight_decay=0.01, warmup_ratio=0.05,
     batch_size=16, grad_accum=1, max_steps=1000, max_length=1024, num_workers=0, log_every=10, save_every=500,
-    lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)  # all 4 layers and the
-# embeddings of the from-scratch ViT train (model.trainable_vision_embeddings)
+    lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_MARKS = dict(fill=0.0, mark_colour=(255, 255, 255), grid=DEMO_PATCH)  # data.render_som's style for a model
