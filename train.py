@@ -412,6 +412,7 @@ DEMO = dict(
     lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
+DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)
 DEMO_MARKS = dict(fill=0.0, mark_colour=(255, 255, 255), grid=DEMO_PATCH)  # data.render_som's style for a model
 # that learns to see from scratch: no tint and white marks (the world's saturated colours are what the bench asks
 # about), each label whole in one patch token. Measured in the README ("Why").
@@ -532,7 +533,9 @@ def demo_exact(predictions: list[dict]) -> float:
 def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[dict]:
     """LLaVA-format MC and OE questions about the *training* scenes, asked as the bench asks them. INST-IT mixes
     its data with LLaVA's, whose MC questions teach "answer with the option's letter"; this is that part of
-    the mixture for the demo (the bench's scenes are never used)."""
+    the mixture for the demo (the bench's scenes are never used). As in LLaVA's data, each scene's questions
+    (DEMO_QUESTION_ROUNDS draws of every kind, about random instances) are one multi-turn chat: one pass over
+    the frames then teaches a dozen answers instead of one."""
     import random
 
     import data
@@ -543,15 +546,21 @@ def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[
         video = len(rec["frames"]) > 1
         folder = f"{frames_root}/{rec['video_id']}"
         media = {"video": folder} if video else {"image": f"{folder}/{rec['frames'][0]}"}
-        for q in data.synthetic_questions(rec["truth"], rng, data.SYNTHETIC_KINDS["video" if video else "image"]):
+        kinds = data.SYNTHETIC_KINDS["video" if video else "image"]
+        questions = {q["question"]: q for _ in range(DEMO_QUESTION_ROUNDS)
+                     for q in data.synthetic_questions(rec["truth"], rng, kinds)}
+        conversation = []
+        for q in rng.sample(list(questions.values()), len(questions)):
             mc = rng.random() < 0.5
             options = dict(zip("ABCD", q["options"])) if mc else None
             split = ("video" if video else "image") + ("_mc" if mc else "_oe")
             asked = evaluate.bench_sample({"question_id": "", "split": split,
                                            "question": q["question"], "options": options, "media": "", "file": ""}, 8)
+            text = asked["messages"][0]["content"]
             answer = "ABCD"[q["options"].index(q["value"])] if mc else q["answer"]
-            rows.append({"id": f"{rec['video_id']}-{q['kind']}", **media, "conversations": [
-                {"from": "human", "value": asked["messages"][0]["content"]}, {"from": "gpt", "value": answer}]})
+            conversation += [{"from": "human", "value": text.removeprefix("<image>\n") if conversation else text},
+                             {"from": "gpt", "value": answer}]
+        rows.append({"id": rec["video_id"], **media, "conversations": conversation})
     return rows
 
 

@@ -101,13 +101,17 @@ def test_general_data_asks_about_training_scenes_with_the_right_letter(tmp_path)
     rows = train.demo_general_data(records, "media", seed=0)
     truth = {r["video_id"]: r["truth"]["instances"] for r in records}
     checked = 0
-    for row in rows:
-        scene, kind = row["id"].rsplit("-", 1)
-        question, answer = row["conversations"][0]["value"], row["conversations"][1]["value"]
+    for row in rows:  # one multi-turn chat per scene, the frames announced once
+        scene, turns = row["id"], row["conversations"]
         assert scene.startswith("train")  # never a bench scene
-        if kind == "colour" and "\nA. " in question:
-            asked = question[question.index("[") + 1:question.index("]")]
-            options = dict(line.split(". ", 1) for line in question.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. "))
-            assert options[answer] == truth[scene][asked]["colour"]
-            checked += 1
+        assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
+        assert len(turns) > 2 * len(data.SYNTHETIC_KINDS["image"])  # several draws of each kind
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            question, answer = human["value"], gpt["value"]
+            if question.removeprefix("<image>\n").startswith("What colour") and "\nA. " in question:
+                asked = question[question.index("[") + 1:question.index("]")]
+                options = dict(line.split(". ", 1) for line in question.splitlines()
+                               if line[:3] in ("A. ", "B. ", "C. ", "D. "))
+                assert options[answer] == truth[scene][asked]["colour"]
+                checked += 1
     assert checked > 0
