@@ -408,7 +408,7 @@ def plot_loss(out: str):
 # train, and with no layer frozen its embeddings train too (model.trainable_vision_embeddings).
 DEMO = dict(
     out="runs/demo", lr=3e-4, projector_lr=3e-4, vision_lr=3e-4, weight_decay=0.01, warmup_ratio=0.05,
-    batch_size=16, grad_accum=1, max_steps=1000, max_length=1024, num_workers=0, log_every=10, save_every=500,
+    batch_size=16, grad_accum=1, max_steps=600, max_length=1024, num_workers=0, log_every=10, save_every=500,
     lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
@@ -531,11 +531,13 @@ def demo_exact(predictions: list[dict]) -> float:
 
 
 def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[dict]:
-    """LLaVA-format MC and OE questions about the *training* scenes, asked as the bench asks them. INST-IT mixes
-    its data with LLaVA's, whose MC questions teach "answer with the option's letter"; this is that part of
-    the mixture for the demo (the bench's scenes are never used). As in LLaVA's data, each scene's questions
+    """LLaVA-format MC and OE questions about the *training* scenes, asked as the bench asks them: the part of
+    the mixture INST-IT takes from LLaVA's data (the bench's scenes are never used). An MC answer is the chosen
+    option's text, not its letter: naming the letter ("multiple choice symbol binding") is an ability of large
+    pretrained LMs that the demo's tiny one does not learn in CPU time (README, "Why"); evaluate.extract_choice
+    maps an answer that repeats one option to that option's letter. As in LLaVA's data, each scene's questions
     (DEMO_QUESTION_ROUNDS draws of every kind, about random instances) are one multi-turn chat: one pass over
-    the frames then teaches a dozen answers instead of one."""
+    the frames then teaches about ten answers instead of one."""
     import random
 
     import data
@@ -557,7 +559,7 @@ def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[
             asked = evaluate.bench_sample({"question_id": "", "split": split,
                                            "question": q["question"], "options": options, "media": "", "file": ""}, 8)
             text = asked["messages"][0]["content"]
-            answer = "ABCD"[q["options"].index(q["value"])] if mc else q["answer"]
+            answer = q["value"] if mc else q["answer"]  # the option's text, which the scorer maps to its letter
             conversation += [{"from": "human", "value": text.removeprefix("<image>\n") if conversation else text},
                              {"from": "gpt", "value": answer}]
         rows.append({"id": rec["video_id"], **media, "conversations": conversation})

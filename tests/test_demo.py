@@ -7,6 +7,7 @@ import numpy as np
 
 import annotate
 import data
+import evaluate
 import train
 
 
@@ -96,7 +97,7 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
     assert all(r["video_path"].startswith("media/") for r in records)
 
 
-def test_general_data_asks_about_training_scenes_with_the_right_letter(tmp_path):
+def test_general_data_asks_about_training_scenes_and_names_the_right_option(tmp_path):
     records = data.synthetic_world(str(tmp_path), 10, seed=2, num_frames=8, size=96, prefix="train")
     rows = train.demo_general_data(records, "media", seed=0)
     truth = {r["video_id"]: r["truth"]["instances"] for r in records}
@@ -112,6 +113,7 @@ def test_general_data_asks_about_training_scenes_with_the_right_letter(tmp_path)
                 asked = question[question.index("[") + 1:question.index("]")]
                 options = dict(line.split(". ", 1) for line in question.splitlines()
                                if line[:3] in ("A. ", "B. ", "C. ", "D. "))
-                assert options[answer] == truth[scene][asked]["colour"]
+                assert answer == truth[scene][asked]["colour"] and answer in options.values()
+                assert evaluate.extract_choice(answer, options) == next(k for k, v in options.items() if v == answer)
                 checked += 1
     assert checked > 0
