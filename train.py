@@ -532,12 +532,10 @@ def demo_exact(predictions: list[dict]) -> float:
 
 def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[dict]:
     """LLaVA-format MC and OE questions about the *training* scenes, asked as the bench asks them: the part of
-    the mixture INST-IT takes from LLaVA's data (the bench's scenes are never used). An MC answer is the chosen
-    option's text, not its letter: naming the letter ("multiple choice symbol binding") is an ability of large
-    pretrained LMs that the demo's tiny one does not learn in CPU time (README, "Why"); evaluate.extract_choice
-    maps an answer that repeats one option to that option's letter. As in LLaVA's data, each scene's questions
-    (DEMO_QUESTION_ROUNDS draws of every kind, about random instances) are one multi-turn chat: one pass over
-    the frames then teaches about ten answers instead of one."""
+    the mixture INST-IT takes from LLaVA's data (the bench's scenes are never used). As in LLaVA's data, each
+    scene's questions (DEMO_QUESTION_ROUNDS draws of every kind) are one multi-turn chat. An MC answer is the
+    option's text, which evaluate.extract_choice maps to its letter: answering with the letter is a large
+    pretrained LM's ability that the tiny one does not learn on a CPU (README, "Why")."""
     import random
 
     import data
@@ -559,9 +557,10 @@ def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[
             asked = evaluate.bench_sample({"question_id": "", "split": split,
                                            "question": q["question"], "options": options, "media": "", "file": ""}, 8)
             text = asked["messages"][0]["content"]
-            answer = q["value"] if mc else q["answer"]  # the option's text, which the scorer maps to its letter
-            conversation += [{"from": "human", "value": text.removeprefix("<image>\n") if conversation else text},
-                             {"from": "gpt", "value": answer}]
+            answer = q["value"] if mc else q["answer"]
+            if conversation:  # the frames are announced in the first turn only
+                text = text.removeprefix(data.PLACEHOLDER + "\n")
+            conversation += [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
         rows.append({"id": rec["video_id"], **media, "conversations": conversation})
     return rows
 
