@@ -512,11 +512,15 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
         results["splits"][split] = {**scores, "by_kind": {k: round(score(ps), 1) for k, ps in by_kind.items()}}
         if split.endswith("oe"):  # templated answers share most words: the proxy flatters, exact match does not
             results["splits"][split]["exact"] = demo_exact(rows)
+    results["binding"] = demo_binding(predictions, bench_records)
     evaluate.write_json(str(out / "results.json"), results)
     shown = [p for split in evaluate.SPLITS for p in [q for q in predictions if q["split"] == split][:2]]
     demo_pictures(out, train_records[:8], shown, questions)  # two questions of each split
     print(json.dumps({s: {k: v for k, v in r.items() if k in ("score", "oe_proxy", "by_kind")}
                       for s, r in results["splits"].items()}, indent=1))
+    for split, b in results["binding"].items():
+        print(f"{split} colour/shape/size: {b['right']:.1f}% right, ID-blind guess {b['id_blind']:.1f}%, "
+              f"names a value seen in the scene {b['in_scene']:.1f}%")
     print(f"{out}/results.json, loss.png, som_frames.png, answers.png ({results['minutes']} min)")
     return {**result, "results": results}
 
@@ -528,6 +532,40 @@ def demo_exact(predictions: list[dict]) -> float:
 
     same = [evaluate._normalise(p["model_prediction"]) == evaluate._normalise(p["ground_truth"]) for p in predictions]
     return 100 * sum(same) / len(same)
+
+
+def demo_binding(predictions: list[dict], records: list[dict]) -> dict:
+    """Bench answers about an instance's colour, shape or size + the bench scenes' truth -> per split: % right,
+    % naming a value some instance of the scene has, and the ID-blind guess (% right when picking one of the
+    scene's values at random). Seeing what is in the scene gives the ID-blind level; only binding each mark to
+    its object goes above it, which is what SoM is for (INST-IT 2.1)."""
+    import re
+
+    import data
+    import evaluate
+
+    truth = {r["video_id"]: r["truth"]["instances"] for r in records}
+    vocab = {"colour": set(data.COLOURS), "shape": set(data.SHAPES), "size": set(data.SIZES)}
+    out = {}
+    for split in sorted({p["split"] for p in predictions}):
+        right = in_scene = id_blind = total = 0
+        for p in predictions:
+            scene, kind = p["question_id"].rsplit("-", 1)
+            if p["split"] != split or kind not in vocab:
+                continue
+            if p["options"]:
+                said = p["options"].get(evaluate.extract_choice(p["model_prediction"], p["options"]))
+            else:  # the one value word the sentence names
+                named = vocab[kind] & set(re.findall(r"[a-z]+", p["model_prediction"].lower()))
+                said = named.pop() if len(named) == 1 else None
+            instances = truth[scene]
+            values = {v[kind] for v in instances.values()}
+            right += said == instances[re.search(r"\[(\d+)\]", p["question"]).group(1)][kind]
+            in_scene, id_blind, total = in_scene + (said in values), id_blind + 1 / len(values), total + 1
+        if total:
+            out[split] = {"right": 100 * right / total, "in_scene": 100 * in_scene / total,
+                          "id_blind": 100 * id_blind / total, "total": total}
+    return out
 
 
 def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[dict]:

@@ -80,6 +80,9 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
         assert scores["total"] > 0 and scores["by_kind"]
         values = [scores["score"]] if split.endswith("mc") else [scores["oe_proxy"], scores["exact"]]
         assert all(0 <= v <= 100 for v in values)
+    for split, b in results["binding"].items():  # right vs the ID-blind guess on colour/shape/size questions
+        assert split in results["splits"] and b["total"] > 0 and 0 < b["id_blind"] <= 100
+        assert 0 <= b["right"] <= b["in_scene"] <= 100  # a right answer names a value of the scene
     assert [c["step"] for c in results["curve"]] == [3, 6]  # --eval-every: the learning curve on the bench
     assert set(results["curve"][0]["eval"]) == {"image_mc", "video_mc"}
     for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl"):
@@ -117,3 +120,24 @@ def test_general_data_asks_about_training_scenes_and_names_the_right_option(tmp_
                 assert evaluate.extract_choice(answer, options) == next(k for k, v in options.items() if v == answer)
                 checked += 1
     assert checked > 0
+
+
+def test_binding_tells_seeing_the_scene_from_reading_the_mark():
+    """Colour of [1] (red) in a scene of a red [1] and a blue [2]: red is right, blue is seen but unbound,
+    green is not in the scene; the ID-blind guess is right half the time."""
+    records = [{"video_id": "bench00000", "truth": {"instances": {
+        "1": {"colour": "red", "shape": "circle", "size": "tiny"},
+        "2": {"colour": "blue", "shape": "circle", "size": "large"}}}}]
+    options = {"A": "blue", "B": "green", "C": "red", "D": "white"}
+    asked = {"question_id": "bench00000-colour", "question": "What colour is [1]?"}
+    predictions = [{**asked, "split": "image_mc", "options": options, "model_prediction": said}
+                   for said in ("C", "blue", "B", "no idea")]
+    predictions += [{**asked, "split": "image_oe", "options": None, "model_prediction": said}
+                    for said in ("[1] is red .", "[1] is blue.", "[1] is red or blue.")]
+    predictions.append({"question_id": "bench00000-shape", "question": "What shape is [2]?", "split": "image_oe",
+                        "options": None, "model_prediction": "[2] is a circle."})  # one shape in the scene
+    predictions.append({"question_id": "bench00000-position", "question": "Where is [2] at <1>?",
+                        "split": "image_oe", "options": None, "model_prediction": "top left"})  # not an attribute
+    binding = train.demo_binding(predictions, records)
+    assert binding["image_mc"] == {"right": 25.0, "in_scene": 50.0, "id_blind": 50.0, "total": 4}
+    assert binding["image_oe"] == {"right": 50.0, "in_scene": 75.0, "id_blind": 62.5, "total": 4}
