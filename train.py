@@ -561,7 +561,9 @@ def demo_binding(predictions: list[dict], records: list[dict]) -> dict:
             instances = truth[scene]
             values = {v[kind] for v in instances.values()}
             right += said == instances[re.search(r"\[(\d+)\]", p["question"]).group(1)][kind]
-            in_scene, id_blind, total = in_scene + (said in values), id_blind + 1 / len(values), total + 1
+            in_scene += said in values
+            id_blind += 1 / len(values)
+            total += 1
         if total:
             out[split] = {"right": 100 * right / total, "in_scene": 100 * in_scene / total,
                           "id_blind": 100 * id_blind / total, "total": total}
