@@ -85,8 +85,13 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
         assert 0 <= b["right"] <= b["in_scene"] <= 100  # a right answer names a value of the scene
     assert [c["step"] for c in results["curve"]] == [3, 6]  # --eval-every: the learning curve on the bench
     assert set(results["curve"][0]["eval"]) == {"image_mc", "video_mc"}
-    for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl"):
+    for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl",
+                 "reading/final/trained.safetensors", "reading/metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
+    reading = json.loads((tmp_path / "reading" / "config.json").read_text())["train"]  # the first stage, then the mixture from it
+    assert reading["max_steps"] == 3 and reading["data"] == [str(tmp_path / "world" / "reading.json")]
+    mixture = json.loads((tmp_path / "config.json").read_text())["train"]
+    assert mixture["init_from"] == str(tmp_path / "reading" / "final") and len(mixture["data"]) == 2
     bench = json.loads((tmp_path / "world" / "bench" / "image_multi_choice.json").read_text())
     assert all(Path(tmp_path / "world" / "bench" / q["image"]).is_file() for q in bench)
     assert "bench_som" in bench[0]["image"]  # the model is asked about marked frames
@@ -98,6 +103,41 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
     assert bench and all("/media/" in "/" + q["video_path"] for q in bench)
     records = json.loads((tmp_path / "world" / "train.json").read_text())
     assert all(r["video_path"].startswith("media/") for r in records)
+    reading = json.loads((tmp_path / "world" / "reading.json").read_text())
+    assert reading and all(r["image"].startswith("media/") for r in reading)
+
+
+def test_demo_resume_skips_a_finished_reading_stage(tmp_path):
+    args = ["--demo", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "4", "--save-every", "2", "--log-every", "1"]
+    train.main(args)
+    reading_log = (tmp_path / "reading" / "metrics.jsonl").read_text()
+    (tmp_path / "results.json").unlink()
+    result = train.main(args + ["--resume"])  # the mixture resumes from its checkpoint-4: nothing left to train
+    assert result["step"] == 4 and (tmp_path / "results.json").is_file()
+    assert (tmp_path / "reading" / "metrics.jsonl").read_text() == reading_log  # the reading stage did not run again
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_reading_data_marks_one_instance_and_asks_its_number_first(tmp_path):
+    records = data.synthetic_world(str(tmp_path), 6, seed=4, num_frames=8, size=96, prefix="train")
+    rows = train.demo_reading_data(records, tmp_path, som=True)
+    visible = sum(len(r["segmentations"][r["frames"][0]]) for r in records)
+    assert len(rows) == visible  # one chat per instance on the first frame
+    by_scene = {r["video_id"]: r for r in records}
+    for row in rows:
+        scene, i = row["id"].rsplit("-", 1)
+        rec, turns = by_scene[scene], row["conversations"]
+        assert turns[0]["value"] == "<image>\nWhich number is marked?" and turns[1]["value"] == f"[{i}]."
+        facts = rec["truth"]["instances"][i]
+        assert [t["value"] for t in turns[3::2]] == [f"[{i}] is {facts['colour']}.", f"[{i}] is a {facts['shape']}.",
+                                                     f"[{i}] is {facts['size']}."]
+        name = rec["frames"][0]
+        raw = np.array(data.open_image(str(tmp_path / rec["video_path"] / name)))
+        changed = (np.array(data.open_image(str(tmp_path / row["image"]))) != raw).any(-1)
+        ys, xs = np.nonzero(data.decode_rle(rec["segmentations"][name][i]["mask"]))
+        box = np.zeros_like(changed)
+        box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+        assert changed.any() and not (changed & ~box).any()  # the mark of [i] alone, drawn inside its box
 
 
 def test_general_data_asks_about_training_scenes_and_names_the_right_option(tmp_path):
