@@ -414,6 +414,7 @@ DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)
 DEMO_READING_SHARE = 0.5               # the reading stage's steps, as a share of --max-steps (run before them)
+DEMO_READING_RATIO = 0.2               # share of reading chats kept in the mixture that follows, so it is not forgotten
 DEMO_MARKS = dict(fill=0.0, mark_colour=(255, 255, 255), grid=DEMO_PATCH)  # data.render_som's style for a model
 # that learns to see from scratch: no tint and white marks (the world's saturated colours are what the bench asks
 # about), each label whole in one patch token. Measured in the README ("Why").
@@ -503,9 +504,12 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
         result = train(reading, {**overrides, **base})
         if result["step"] < reading.max_steps:
             return result  # stopped by a signal: --resume continues
-    mixture = [f"{train_json}:{1 - DEMO_GENERAL_RATIO}", f"{general_json}:{DEMO_GENERAL_RATIO}"]
-    result = train(dataclasses.replace(cfg, data=mixture, media_root=str(world), init_from=str(out / "reading" / "final"),
-                                       eval_bench=str(bench) if cfg.eval_every else None), overrides)  # a learning curve
+    keep = 1 - DEMO_READING_RATIO
+    mixture = [f"{train_json}:{(1 - DEMO_GENERAL_RATIO) * keep}", f"{general_json}:{DEMO_GENERAL_RATIO * keep}",
+               f"{reading_json}:{DEMO_READING_RATIO}"]
+    mixed = dataclasses.replace(cfg, data=mixture, media_root=str(world), init_from=os.path.join(reading.out, "final"),
+                                eval_bench=str(bench) if cfg.eval_every else None)  # --eval-every: a learning curve
+    result = train(mixed, overrides)
     if result["step"] < (cfg.max_steps or 1):
         return result  # stopped by a signal: --resume continues
     model = LlavaStyleModel.from_pretrained(str(out / "final"))
@@ -584,14 +588,14 @@ def demo_binding(predictions: list[dict], records: list[dict]) -> dict:
 
 def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
     """The reading stage's data: each instance of a training scene's first frame marked alone, asked "Which number
-    is marked?" and then its colour, shape and size, one chat per instance (saved as world/reading/<scene>-<ID>.png;
-    --no-som: the raw frame). Measured (README, "Why"): a model that first reads a lone mark's digit binds [k] to
-    its object among several marks in a few hundred steps; without it, not in 6,000. The number is asked first, so
-    that its answer cannot be copied from a later question."""
+    is marked?" and then its colour, shape and size, one chat per instance, the frame saved in
+    world/reading/<scene>-<ID>/ (--no-som: unmarked). A video scene's frame is a one-frame video, so that it is
+    read 2x2 pooled as the bench's videos are. Measured (README, "What it shows"): a model that first reads a lone
+    mark's digit then binds [k] to its object among several marks; without it, not in 7,000 steps. The number is
+    asked first, so that its answer cannot be copied from a later question."""
     import data
 
     rows = []
-    os.makedirs(world / "reading", exist_ok=True)
     for rec in records:
         name = rec["frames"][0]
         frame = data.open_image(str(world / rec["video_path"] / name))
@@ -599,10 +603,10 @@ def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
             mask = data.decode_rle(entry["mask"])
             if not mask.any():  # hidden behind another shape on this frame
                 continue
-            image = f"{rec['video_path']}/{name}"
-            if som:
-                image = f"reading/{rec['video_id']}-{i}.png"
-                data.render_som(frame, {int(i): mask}, **DEMO_MARKS).save(world / image)
+            video = len(rec["frames"]) > 1
+            folder = f"reading/{rec['video_id']}-{i}"
+            os.makedirs(world / folder, exist_ok=True)
+            (data.render_som(frame, {int(i): mask}, **DEMO_MARKS) if som else frame).save(world / folder / name)
             facts = {"a": f"[{i}]", **rec["truth"]["instances"][i]}
             conversation = [{"from": "human", "value": f"{data.PLACEHOLDER}\nWhich number is marked?"},
                             {"from": "gpt", "value": f"[{i}]."}]
@@ -610,7 +614,8 @@ def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
                 question, answer = data.QUESTIONS[kind]
                 conversation += [{"from": "human", "value": question.format(**facts)},
                                  {"from": "gpt", "value": answer.format(**facts)}]
-            rows.append({"id": f"{rec['video_id']}-{i}", "image": image, "conversations": conversation})
+            media = {"video": folder} if video else {"image": f"{folder}/{name}"}
+            rows.append({"id": f"{rec['video_id']}-{i}", **media, "conversations": conversation})
     return rows
 
 

@@ -91,7 +91,8 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
     reading = json.loads((tmp_path / "reading" / "config.json").read_text())["train"]  # the first stage, then the mixture from it
     assert reading["max_steps"] == 3 and reading["data"] == [str(tmp_path / "world" / "reading.json")]
     mixture = json.loads((tmp_path / "config.json").read_text())["train"]
-    assert mixture["init_from"] == str(tmp_path / "reading" / "final") and len(mixture["data"]) == 2
+    assert mixture["init_from"] == str(tmp_path / "reading" / "final")
+    assert len(mixture["data"]) == 3 and mixture["data"][2].startswith(reading["data"][0])  # reading chats kept
     bench = json.loads((tmp_path / "world" / "bench" / "image_multi_choice.json").read_text())
     assert all(Path(tmp_path / "world" / "bench" / q["image"]).is_file() for q in bench)
     assert "bench_som" in bench[0]["image"]  # the model is asked about marked frames
@@ -103,12 +104,16 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
     assert bench and all("/media/" in "/" + q["video_path"] for q in bench)
     records = json.loads((tmp_path / "world" / "train.json").read_text())
     assert all(r["video_path"].startswith("media/") for r in records)
-    reading = json.loads((tmp_path / "world" / "reading.json").read_text())
-    assert reading and all(r["image"].startswith("media/") for r in reading)
+    for row in json.loads((tmp_path / "world" / "reading.json").read_text()):  # the raw first frame, unmarked
+        scene, i = row["id"].rsplit("-", 1)
+        shown = tmp_path / "world" / row.get("image", row.get("video", "") + "/00000.png")
+        raw = tmp_path / "world" / "media" / scene / "00000.png"
+        assert (np.array(data.open_image(str(shown))) == np.array(data.open_image(str(raw)))).all()
 
 
 def test_demo_resume_skips_a_finished_reading_stage(tmp_path):
-    args = ["--demo", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "4", "--save-every", "2", "--log-every", "1"]
+    args = ["--demo", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "4", "--save-every", "2",
+            "--log-every", "1"]
     train.main(args)
     reading_log = (tmp_path / "reading" / "metrics.jsonl").read_text()
     (tmp_path / "results.json").unlink()
@@ -131,9 +136,11 @@ def test_reading_data_marks_one_instance_and_asks_its_number_first(tmp_path):
         facts = rec["truth"]["instances"][i]
         assert [t["value"] for t in turns[3::2]] == [f"[{i}] is {facts['colour']}.", f"[{i}] is a {facts['shape']}.",
                                                      f"[{i}] is {facts['size']}."]
-        name = rec["frames"][0]
+        name, video = rec["frames"][0], len(rec["frames"]) > 1
+        assert ("video" in row) == video  # a video scene's frame is shown pooled, as a one-frame video
+        shown = tmp_path / (f"{row['video']}/{name}" if video else row["image"])
         raw = np.array(data.open_image(str(tmp_path / rec["video_path"] / name)))
-        changed = (np.array(data.open_image(str(tmp_path / row["image"]))) != raw).any(-1)
+        changed = (np.array(data.open_image(str(shown))) != raw).any(-1)
         ys, xs = np.nonzero(data.decode_rle(rec["segmentations"][name][i]["mask"]))
         box = np.zeros_like(changed)
         box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
