@@ -500,14 +500,15 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
     # Two stages, as INST-IT trains in stages: first read lone marks, then the whole mixture --init-from that.
     reading = dataclasses.replace(cfg, data=[str(reading_json)], media_root=str(world), out=str(out / "reading"),
                                   max_steps=max(1, round(DEMO_READING_SHARE * cfg.max_steps)), eval_bench=None)
-    if not (cfg.resume and (out / "reading" / "final").is_dir()):
+    reading_final = os.path.join(reading.out, "final")
+    if not (cfg.resume and os.path.isdir(reading_final)):
         result = train(reading, {**overrides, **base})
         if result["step"] < reading.max_steps:
             return result  # stopped by a signal: --resume continues
     keep = 1 - DEMO_READING_RATIO
     mixture = [f"{train_json}:{(1 - DEMO_GENERAL_RATIO) * keep}", f"{general_json}:{DEMO_GENERAL_RATIO * keep}",
                f"{reading_json}:{DEMO_READING_RATIO}"]
-    mixed = dataclasses.replace(cfg, data=mixture, media_root=str(world), init_from=os.path.join(reading.out, "final"),
+    mixed = dataclasses.replace(cfg, data=mixture, media_root=str(world), init_from=reading_final,
                                 eval_bench=str(bench) if cfg.eval_every else None)  # --eval-every: a learning curve
     result = train(mixed, overrides)
     if result["step"] < (cfg.max_steps or 1):
@@ -597,13 +598,12 @@ def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
 
     rows = []
     for rec in records:
-        name = rec["frames"][0]
+        name, video = rec["frames"][0], len(rec["frames"]) > 1
         frame = data.open_image(str(world / rec["video_path"] / name))
         for i, entry in sorted(rec["segmentations"][name].items(), key=lambda kv: int(kv[0])):
             mask = data.decode_rle(entry["mask"])
             if not mask.any():  # hidden behind another shape on this frame
                 continue
-            video = len(rec["frames"]) > 1
             folder = f"reading/{rec['video_id']}-{i}"
             os.makedirs(world / folder, exist_ok=True)
             (data.render_som(frame, {int(i): mask}, **DEMO_MARKS) if som else frame).save(world / folder / name)
