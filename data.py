@@ -1278,15 +1278,6 @@ SYNTHETIC_KINDS = {"image": ("colour", "shape", "size", "position", "relation"),
                    "video": ("colour", "shape", "size", "motion", "relation")}
 
 
-def instance_facts(truth: dict, i: str, b: str | None = None) -> dict:
-    """Ground truth of a scene -> the answer fields of QUESTIONS for instance [i]: its colour, shape, size,
-    motion (in words), quadrant on the first frame and, given [b], where it is relative to [b] there."""
-    first, facts = next(iter(truth["centres"].values())), truth["instances"][i]
-    return {"a": f"[{i}]", "b": f"[{b}]", "colour": facts["colour"], "shape": facts["shape"], "size": facts["size"],
-            "motion": MOTION_WORDS[facts["motion"]], "position": quadrant(*first[i], truth["size"]),
-            "relation": relation(first[i], first[b]) if b and b != i else None}
-
-
 def synthetic_questions(truth: dict, rng: random.Random, kinds) -> list[dict]:
     """Ground truth of a scene -> questions of the given kinds, one per kind where the scene allows:
     {"kind", "question", "answer" (a sentence), "value", "options" (4 values: the answer, then distractors
@@ -1301,7 +1292,10 @@ def synthetic_questions(truth: dict, rng: random.Random, kinds) -> list[dict]:
         a, b = rng.sample(ids, 2) if len(ids) >= 2 else (ids[0], None)
         if kind == "relation" and b is None:
             continue
-        values = {i: instance_facts(truth, i, b) for i in ids}
+        values = {i: {"colour": truth["instances"][i]["colour"], "shape": truth["instances"][i]["shape"],
+                      "size": truth["instances"][i]["size"], "motion": MOTION_WORDS[truth["instances"][i]["motion"]],
+                      "position": quadrant(*first[i], truth["size"]),
+                      "relation": relation(first[i], first[b]) if b and i != b else None} for i in ids}
         value = values[a][kind]
         others = [v[kind] for i, v in values.items() if i != a and v[kind] and v[kind] != value]
         if kind == "relation":  # the other instances' relations to [b] (and the opposite one) first
@@ -1311,7 +1305,8 @@ def synthetic_questions(truth: dict, rng: random.Random, kinds) -> list[dict]:
         options = [value] + distractors
         rng.shuffle(options)
         question, answer = QUESTIONS[kind]
-        out.append({"kind": kind, "question": question.format(**values[a]), "answer": answer.format(**values[a]),
+        fields = {"a": f"[{a}]", "b": f"[{b}]", **values[a], kind: value}
+        out.append({"kind": kind, "question": question.format(**fields), "answer": answer.format(**fields),
                     "value": value, "options": options})
     return out
 

@@ -487,7 +487,7 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
                                cfg.seed)
 
     reading_json = world / "reading.json"
-    annotate.write_json_atomic(reading_json, demo_reading_data(train_records, world, cfg.som, cfg.seed))
+    annotate.write_json_atomic(reading_json, demo_reading_data(train_records, world, cfg.som))
 
     questions = data.load_instit_bench(str(bench))
     texts = [m["content"] for path in (train_json, reading_json)
@@ -587,48 +587,35 @@ def demo_binding(predictions: list[dict], records: list[dict]) -> dict:
     return out
 
 
-def demo_reading_data(records: list[dict], world, som: bool, seed: int) -> list[dict]:
-    """The reading stage's data: each instance of a training scene marked alone on every frame, asked "Which
-    number is marked?" and then each thing the bench asks about one instance (data.SYNTHETIC_KINDS), one chat
-    per instance; and one pair of instances marked alone, asked which numbers are marked and their relation.
-    Frames are saved in world/reading/<chat>/ (--no-som: the raw frames are used). Measured (README, "What it
-    shows"): a model that first reads a lone mark's digit then binds [k] to its object among several marks;
-    without it, not in 7,000 steps. The number is asked first, so its answer cannot be copied from a question."""
-    import random
-
+def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
+    """The reading stage's data: each instance of a training scene's first frame marked alone, asked "Which number
+    is marked?" and then its colour, shape and size, one chat per instance, the frame saved in
+    world/reading/<scene>-<ID>/ (--no-som: unmarked). A video scene's frame is a one-frame video, so that it is
+    read 2x2 pooled as the bench's videos are. Measured (README, "What it shows"): a model that first reads a lone
+    mark's digit then binds [k] to its object among several marks; without it, not in 7,000 steps. The number is
+    asked first, so that its answer cannot be copied from a later question."""
     import data
 
-    rng, rows = random.Random(seed), []
+    rows = []
     for rec in records:
-        names = rec["frames"]
-        ids = sorted(rec["segmentations"][names[0]], key=int)  # the instances on the first frame
-        kinds = [k for k in data.SYNTHETIC_KINDS["video" if len(names) > 1 else "image"] if k != "relation"]
-        chats = []  # (IDs marked, the first question and its answer, the later (question, answer) templates, facts)
-        for i in ids:
-            chats.append(([i], "Which number is marked?", f"[{i}].", [data.QUESTIONS[k] for k in kinds],
-                          data.instance_facts(rec["truth"], i)))
-        if len(ids) >= 2:
-            i, j = rng.sample(ids, 2)
-            pair = sorted([i, j], key=int)
-            chats.append((pair, "Which numbers are marked?", f"[{pair[0]}] and [{pair[1]}].", [data.QUESTIONS["relation"]],
-                          data.instance_facts(rec["truth"], i, j)))
-        frames = [data.open_image(str(world / rec["video_path"] / name)) for name in names] if som else []
-        for shown, first_question, first_answer, later, facts in chats:
-            chat_id = f"{rec['video_id']}-{'-'.join(shown)}"
-            folder = f"reading/{chat_id}" if som else rec["video_path"]
-            if som:
-                os.makedirs(world / folder, exist_ok=True)
-            for name, frame in zip(names, frames):
-                masks = {int(i): data.decode_rle(rec["segmentations"][name][i]["mask"])
-                         for i in shown if i in rec["segmentations"][name]}  # none on a frame where it is hidden
-                data.render_som(frame, masks, **DEMO_MARKS).save(world / folder / name)
-            turns = [{"from": "human", "value": f"{data.PLACEHOLDER}\n{first_question}"},
-                     {"from": "gpt", "value": first_answer}]
-            for question, answer in later:
-                turns += [{"from": "human", "value": question.format(**facts)},
-                          {"from": "gpt", "value": answer.format(**facts)}]
-            media = {"video": folder} if len(names) > 1 else {"image": f"{folder}/{names[0]}"}
-            rows.append({"id": chat_id, **media, "conversations": turns})
+        name, video = rec["frames"][0], len(rec["frames"]) > 1
+        frame = data.open_image(str(world / rec["video_path"] / name))
+        for i, entry in sorted(rec["segmentations"][name].items(), key=lambda kv: int(kv[0])):
+            mask = data.decode_rle(entry["mask"])
+            if not mask.any():  # hidden behind another shape on this frame
+                continue
+            folder = f"reading/{rec['video_id']}-{i}"
+            os.makedirs(world / folder, exist_ok=True)
+            (data.render_som(frame, {int(i): mask}, **DEMO_MARKS) if som else frame).save(world / folder / name)
+            facts = {"a": f"[{i}]", **rec["truth"]["instances"][i]}
+            conversation = [{"from": "human", "value": f"{data.PLACEHOLDER}\nWhich number is marked?"},
+                            {"from": "gpt", "value": f"[{i}]."}]
+            for kind in ("colour", "shape", "size"):
+                question, answer = data.QUESTIONS[kind]
+                conversation += [{"from": "human", "value": question.format(**facts)},
+                                 {"from": "gpt", "value": answer.format(**facts)}]
+            media = {"video": folder} if video else {"image": f"{folder}/{name}"}
+            rows.append({"id": f"{rec['video_id']}-{i}", **media, "conversations": conversation})
     return rows
 
 
