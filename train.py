@@ -600,10 +600,8 @@ def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
     for rec in records:
         name, video = rec["frames"][0], len(rec["frames"]) > 1
         frame = data.open_image(str(world / rec["video_path"] / name))
-        for i, entry in sorted(rec["segmentations"][name].items(), key=lambda kv: int(kv[0])):
+        for i, entry in sorted(rec["segmentations"][name].items(), key=lambda kv: int(kv[0])):  # the visible ones
             mask = data.decode_rle(entry["mask"])
-            if not mask.any():  # hidden behind another shape on this frame
-                continue
             folder = f"reading/{rec['video_id']}-{i}"
             os.makedirs(world / folder, exist_ok=True)
             (data.render_som(frame, {int(i): mask}, **DEMO_MARKS) if som else frame).save(world / folder / name)
