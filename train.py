@@ -413,7 +413,7 @@ DEMO = dict(
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)
-DEMO_READING_SHARE = 0.5               # the reading stage's steps, as a share of --max-steps (run before them)
+DEMO_READING_SHARE = 1.0               # the reading stage's steps, as a share of --max-steps (run before them)
 DEMO_READING_RATIO = 0.2               # share of reading chats kept in the mixture that follows, so it is not forgotten
 DEMO_MARKS = dict(fill=0.0, mark_colour=(255, 255, 255), grid=DEMO_PATCH)  # data.render_som's style for a model
 # that learns to see from scratch: no tint and white marks (the world's saturated colours are what the bench asks
@@ -589,7 +589,7 @@ def demo_binding(predictions: list[dict], records: list[dict]) -> dict:
 
 def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
     """The reading stage's data: each instance of a training scene's first frame marked alone, asked "Which number
-    is marked?" and then its colour, shape and size, one chat per instance, the frame saved in
+    is marked?" and then its colour, shape, size and position, one chat per instance, the frame saved in
     world/reading/<scene>-<ID>/ (--no-som: unmarked). A video scene's frame is a one-frame video, so that it is
     read 2x2 pooled as the bench's videos are. Measured (README, "What it shows"): a model that first reads a lone
     mark's digit then binds [k] to its object among several marks; without it, not in 7,000 steps. The number is
@@ -605,10 +605,11 @@ def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
             folder = f"reading/{rec['video_id']}-{i}"
             os.makedirs(world / folder, exist_ok=True)
             (data.render_som(frame, {int(i): mask}, **DEMO_MARKS) if som else frame).save(world / folder / name)
-            facts = {"a": f"[{i}]", **rec["truth"]["instances"][i]}
+            position = data.quadrant(*rec["truth"]["centres"][name][i], rec["truth"]["size"])
+            facts = {"a": f"[{i}]", **rec["truth"]["instances"][i], "position": position}
             conversation = [{"from": "human", "value": f"{data.PLACEHOLDER}\nWhich number is marked?"},
                             {"from": "gpt", "value": f"[{i}]."}]
-            for kind in ("colour", "shape", "size"):
+            for kind in ("colour", "shape", "size", "position"):
                 question, answer = data.QUESTIONS[kind]
                 conversation += [{"from": "human", "value": question.format(**facts)},
                                  {"from": "gpt", "value": answer.format(**facts)}]

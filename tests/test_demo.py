@@ -89,7 +89,8 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
                  "reading/final/trained.safetensors", "reading/metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
     reading = json.loads((tmp_path / "reading" / "config.json").read_text())["train"]  # the first stage, then the mixture from it
-    assert reading["max_steps"] == 3 and reading["data"] == [str(tmp_path / "world" / "reading.json")]
+    assert reading["max_steps"] == round(train.DEMO_READING_SHARE * 6)
+    assert reading["data"] == [str(tmp_path / "world" / "reading.json")]
     mixture = json.loads((tmp_path / "config.json").read_text())["train"]
     assert mixture["init_from"] == str(tmp_path / "reading" / "final")
     assert len(mixture["data"]) == 3 and mixture["data"][2].startswith(reading["data"][0])  # reading chats kept
@@ -133,10 +134,11 @@ def test_reading_data_marks_one_instance_and_asks_its_number_first(tmp_path):
         scene, i = row["id"].rsplit("-", 1)
         rec, turns = by_scene[scene], row["conversations"]
         assert turns[0]["value"] == "<image>\nWhich number is marked?" and turns[1]["value"] == f"[{i}]."
-        facts = rec["truth"]["instances"][i]
+        facts, name, video = rec["truth"]["instances"][i], rec["frames"][0], len(rec["frames"]) > 1
+        x, y = rec["truth"]["centres"][name][i]
+        where = ("top" if y < 48 else "bottom") + (" left" if x < 48 else " right")
         assert [t["value"] for t in turns[3::2]] == [f"[{i}] is {facts['colour']}.", f"[{i}] is a {facts['shape']}.",
-                                                     f"[{i}] is {facts['size']}."]
-        name, video = rec["frames"][0], len(rec["frames"]) > 1
+                                                     f"[{i}] is {facts['size']}.", f"[{i}] is at the {where} at <1>."]
         assert ("video" in row) == video  # a video scene's frame is shown pooled, as a one-frame video
         shown = tmp_path / (f"{row['video']}/{name}" if video else row["image"])
         raw = np.array(data.open_image(str(tmp_path / rec["video_path"] / name)))
