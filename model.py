@@ -299,6 +299,9 @@ class LlavaStyleModel(nn.Module):
             lm = get_peft_model(lm, LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
                                                lora_dropout=self.cfg.lora_dropout, target_modules="all-linear",
                                                task_type="CAUSAL_LM"))
+            for module in lm.modules():  # adapters are fp32 master weights; autocast runs them in bf16, so
+                if hasattr(module, "cast_input_dtype_enabled"):  # peft's fp32 copy of each input is wasted
+                    module.cast_input_dtype_enabled = False       # (a 7B video step: 1.00 -> 0.88 s, H100)
         return lm
 
     def trainable_vision_tail(self) -> list:
