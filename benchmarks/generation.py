@@ -5,10 +5,12 @@ LoRA adapter, unmerged, as evaluate.py loads a trained model) answers the same i
 by evaluate.bench_sample as the bench does (half multiple choice, half open-ended, questions of varied
 length), greedily, up to --max-new-tokens. Random weights rarely emit EOS, so nearly every answer runs to
 the limit in both modes. Runs alternate (batched, single, batched, ...) and medians are reported.
-Figures: prompts/s on CPU, the speed-up batched/single, and how many answers are identical in both modes
+On a GPU, `--lm qwen2-0.5b` (any LM of gpu_train.py, beside CLIP ViT-L/14-336: 576 image tokens) is the
+size a user evaluates. Figures: prompts/s, the speed-up batched/single, and how many answers are identical in both modes
 (left padding may change a near-tie argmax of a random model).
 
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 32] [--repeats 2]
+    python benchmarks/generation.py --device cuda --lm qwen2-0.5b --out benchmarks/results/generation_cuda.json
 """
 import argparse
 import json
@@ -28,14 +30,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "which marked instance is left of the red umbrella in frame and what does it hold while walking".split()
 
 
-def small_model(folder: str):
-    """Save a random CLIP + Llama + tokenizer to `folder`, load them with model.build_model -> the model."""
+def small_model(folder: str, lm: str, device: str):
+    """Save a random CLIP + Llama + tokenizer to `folder`, load them with model.build_model -> the model.
+    lm "small": the CPU model above; a name of gpu_train.LMS: that LM beside CLIP ViT-L/14-336."""
     import torch
     from conftest import make_tokenizer
     from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
     from model import ModelConfig, build_model
 
+    if lm != "small":
+        from gpu_train import save_random
+
+        paths = save_random(lm, folder, device, tiny=False)
+        return build_model(ModelConfig(vision_model=paths["vision"], language_model=paths["lm"], lora_r=16, lora_alpha=32,
+                                       trainable_vision_layers=0), device=device).eval()
     torch.manual_seed(0)
     tok = make_tokenizer()
     vision = CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
@@ -47,7 +56,7 @@ def small_model(folder: str):
     tok.save_pretrained(os.path.join(folder, "lm"))
     cfg = ModelConfig(vision_model=os.path.join(folder, "vision"), language_model=os.path.join(folder, "lm"),
                       lora_r=16, lora_alpha=32, trainable_vision_layers=0)
-    return build_model(cfg, device="cpu").eval()
+    return build_model(cfg, device=device).eval()
 
 
 def bench_prompts(n: int, seed: int = 0) -> list[dict]:
@@ -72,9 +81,11 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 weights on cuda)")
+    p.add_argument("--lm", default="small", help="small (4-layer Llama, 64 px CLIP) or a gpu_train.py LM, e.g. qwen2-0.5b")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generation.json"))
     args = p.parse_args(argv)
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
     os.environ["TQDM_DISABLE"] = "1"  # generate_answers' progress bar; read when tqdm is imported, so before torch
     import torch
     from transformers.utils import logging as hf_logging
@@ -88,7 +99,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        model = small_model(folder)
+        model = small_model(folder, args.lm, args.device)
     samples = bench_prompts(args.prompts)
     generate_answers(model, samples[:2], batch_size=2, max_new_tokens=4)  # warm-up
     times, answers = {"batched": [], "single": []}, {}
@@ -101,8 +112,8 @@ def main(argv=None):
             for mode, t in times.items()}
     speedup = rows["single"]["seconds"] / rows["batched"]["seconds"]
     same = sum(a == b for a, b in zip(answers["batched"], answers["single"]))
-    print(f"{len(samples)} prompts, max_new_tokens {args.max_new_tokens}, {args.threads} torch threads, "
-          f"median of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} torch threads"
+    print(f"{len(samples)} prompts, LM {args.lm}, max_new_tokens {args.max_new_tokens}, {where}, median of {args.repeats}")
     print(f"{'mode':16} {'seconds':>8} {'prompts/s':>10}")
     for mode, r in rows.items():
         label = f"batch {args.batch_size}" if mode == "batched" else "one at a time"
@@ -110,7 +121,7 @@ def main(argv=None):
     print(f"speed-up batched/single: {speedup:.2f}x; identical answers: {same}/{len(samples)}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"prompts": len(samples), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        json.dump({"device": where, "lm": args.lm, "prompts": len(samples), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                    "threads": args.threads, "repeats": args.repeats, "rows": rows, "speedup": speedup,
                    "identical_answers": same}, f, indent=1)
     print(f"wrote {args.out}")
