@@ -60,7 +60,7 @@ class TrainConfig:
     num_workers: int = 2
     log_every: int = 1
     save_every: int = 500
-    compile: bool = False
+    compile: bool = False                     # torch.compile each transformer block (model.compile_blocks)
     report_to: str | None = None              # "tensorboard" or "wandb", through accelerate
     eval_bench: str | None = None             # an INST-IT Bench file/folder scored at the end (evaluate.run_bench)
     eval_every: int = 0                       # > 0: also score it every K steps
@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
     else:
         model = load_model(cfg, overrides, accelerator.device)
     dataset, sampler = build_data(cfg, model, sources, accelerator.num_processes)
-    wrapped = accelerator.prepare(torch.compile(model) if cfg.compile else model)
+    wrapped = accelerator.prepare(model.compile_blocks() if cfg.compile else model)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # built alike, but each process its own dropout masks
     groups = model.parameter_groups()  # after prepare, as accelerate asks (a wrapper may replace parameters)
     lrs = {"projector": cfg.projector_lr, "vision": cfg.vision_lr, "language": cfg.lr}

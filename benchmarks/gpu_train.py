@@ -231,7 +231,7 @@ def throughput(args):
         paths = save_random(lm, folder, args.device, args.tiny)
         free(args.device)
         row = {"lm": lm, "frames": frames, "lora_r": r, "vision_layers": v, "gradient_checkpointing": args.checkpointing}
-        for side in ("ours", "theirs"):
+        for side in args.sides:
             try:
                 row[side] = time_side(args, side, lm, paths, frames, r, v)
             except torch.OutOfMemoryError:
@@ -240,7 +240,7 @@ def throughput(args):
             s = row[side]
             print(f"{lm:11} {side:6} " + (f"{s['tokens']:6} {s['step_s']:7.3f} {s['tokens_per_s']:9.0f} {s['mfu']:5.1%} "
                                           f"{s['allocated_gb'] or 0:8.2f}" if s else "out of memory"), flush=True)
-        row["speedup"] = row["theirs"]["step_s"] / row["ours"]["step_s"] if row["ours"] and row["theirs"] else None
+        row["speedup"] = row["theirs"]["step_s"] / row["ours"]["step_s"] if row.get("ours") and row.get("theirs") else None
         rows.append(row)
         write(args, {"text_tokens": TEXT_TOKENS, "peak_flops": PEAK_FLOPS, "warmup": args.warmup, "steps": args.steps,
                      "rows": rows})
@@ -253,6 +253,8 @@ def time_side(args, side: str, lm: str, paths: dict, frames: int, r: int, v: int
         model = build_ours(paths, args.device, lora_r=r, lora_alpha=2 * r, trainable_vision_layers=v,
                            gradient_checkpointing=args.checkpointing)
         inputs, optimizer = ours_step_inputs(model, args.device, frames)
+        if args.compile:
+            model.compile_blocks(backend=args.compile)  # as train.py --compile
     else:
         model, inputs, optimizer = build_theirs(lm, args.device, frames, r, v, args.checkpointing, args.tiny)
     free(args.device)  # the peak of the steps, not of loading
@@ -298,6 +300,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="no gradient checkpointing (both sides): faster where the card has room")
+    p.add_argument("--compile", metavar="BACKEND", help="throughput: ours with model.compile_blocks(backend=BACKEND), e.g. inductor")
+    p.add_argument("--sides", type=lambda s: s.split(","), default=["ours", "theirs"])
     p.add_argument("--profile", action="store_true", help="throughput: print ours' kernels of one step by GPU time")
     p.add_argument("--tiny", action="store_true", help="tiny vision and LM configs (with --lm/--lms tiny)")
     p.add_argument("--device", default="cuda")
