@@ -20,7 +20,8 @@ Ours loads its checkpoint folders through build_model, as a hub ID would; theirs
 (weights are random on both sides, and values do not change speed or memory).
 
     python benchmarks/gpu_train.py memory [--frames 8,16,32] [--ranks 16,128] [--vision-layers 0,12]
-    python benchmarks/gpu_train.py throughput [--lms qwen2-0.5b,qwen2-1.5b,qwen2-7b]
+    python benchmarks/gpu_train.py throughput [--lms qwen2-0.5b,qwen2-1.5b,qwen2-7b] [--profile]
+    python benchmarks/gpu_train.py throughput --lms qwen2-7b --sides ours --compile inductor   # train.py --compile
     python benchmarks/gpu_train.py memory --tiny --device cpu     # a smoke run of the script itself
 """
 import argparse
