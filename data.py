@@ -1171,6 +1171,7 @@ SIZES = {"tiny": 0.11, "small": 0.14, "medium": 0.17, "large": 0.21}  # radius a
 # even a tiny shape (21 px across at 96 px) stays larger than its ID label box (about 12 px)
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+ATTRIBUTES = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}  # what an instance is, and the values
 
 
 def encode_rle(mask: np.ndarray) -> dict:

@@ -313,7 +313,7 @@ class LlavaStyleModel(nn.Module):
 
     def trainable_vision_embeddings(self) -> list:
         """The patch and position embeddings, trained only when no block is frozen (trainable_vision_layers >=
-        the depth): an encoder learned from scratch, as in the demo, would otherwise keep its random ones."""
+        the depth): an encoder learned from scratch would otherwise keep its random ones."""
         if self.cfg.trainable_vision_layers < self.vision_depth:
             return []
         return [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from tqdm import tqdm
 
-from model import LlavaStyleModel, ModelConfig, build_model
+from model import LlavaStyleModel, ModelConfig, build_model, image_normalization
 
 # Stages are presets of ModelConfig fields, not code paths (INST-IT 3.1; MultiInstruct's sequential
 # tuning is a stage run with --init-from an earlier run). Flags given explicitly override a preset.
@@ -70,6 +70,7 @@ class TrainConfig:
     scenes: int = 1500                        # demo: training scenes (half images, half 8-frame videos)
     base_url: str | None = None               # demo: annotate with a real chat-completions server instead
     annotator_model: str = "gpt-4o"           # demo: its model; the key comes from OPENAI_API_KEY
+    vision_pretrain_steps: int = 1500         # demo: the ViT's pretraining first (demo_pretrain_vision), batch 32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,13 +405,14 @@ def plot_loss(out: str):
 # ---------------------------------------------------------------------------------------------------
 # The demo (`make demo`): the whole method in miniature on a synthetic world, no weights, data or API key.
 
-# Defaults under --demo (flags still override): a tiny model trained from scratch on CPU; all 4 ViT layers
-# train, and with no layer frozen its embeddings train too (model.trainable_vision_embeddings).
+# Defaults under --demo (flags still override): a tiny model trained from scratch on CPU. Its ViT is pretrained
+# first (demo_pretrain_vision), then frozen but for its last layer, as LLaVA-style runs keep a pretrained encoder.
 DEMO = dict(
     out="runs/demo", lr=3e-4, projector_lr=3e-4, vision_lr=3e-4, weight_decay=0.01, warmup_ratio=0.05,
     batch_size=16, grad_accum=1, max_steps=600, max_length=1024, num_workers=0, log_every=10, save_every=500,
-    lm_training="full", trainable_vision_layers=4, vision_feature_layer=-1, max_frames=8)
+    lm_training="full", trainable_vision_layers=1, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
+DEMO_VISION_LAYERS = 4                 # the tiny ViT's depth
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)
 DEMO_READING_SHARE = 1.0               # the reading stage's steps, as a share of --max-steps (run before them)
@@ -438,13 +440,68 @@ def build_demo_model(folder: str, texts: list[str], seed: int) -> dict:
     torch.manual_seed(seed)
     vision, lm = os.path.join(folder, "vision"), os.path.join(folder, "lm")
     CLIPVisionModel(CLIPVisionConfig(image_size=DEMO_IMAGE_SIZE, patch_size=DEMO_PATCH, hidden_size=128,
-                                     intermediate_size=512, num_hidden_layers=DEMO["trainable_vision_layers"],
+                                     intermediate_size=512, num_hidden_layers=DEMO_VISION_LAYERS,
                                      num_attention_heads=4)).save_pretrained(vision)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                  num_attention_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
                                  bos_token_id=1, eos_token_id=2, pad_token_id=3)).save_pretrained(lm)
     tokenizer.save_pretrained(lm)
     return {"vision_model": vision, "language_model": lm, "tokenizer": lm}
+
+
+def demo_pretrain_vision(records: list[dict], world, source: str, out: str, seed: int, steps: int):
+    """The stand-in for CLIP's pretraining, which a real run inherits: the demo's ViT (from `source`, saved to
+    `out`) learns to name, in every patch token, the colour, shape and size of the instance covering most of
+    its patch (demo_token_targets), through three linear heads dropped afterwards. Raw frames of the training
+    scenes (an image, or three frames of a video), no marks and no IDs: --som and --no-som get the same ViT.
+    Measured (README, "Why shape does not bind"): the LM's loss alone never puts shape into the features."""
+    import random
+
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import CLIPVisionModel
+
+    import data
+
+    rng, frames, targets = random.Random(seed), [], []
+    for rec in records:
+        for name in rng.sample(rec["frames"], min(3, len(rec["frames"]))):
+            frames.append(np.asarray(data.open_image(str(world / rec["video_path"] / name))))
+            targets.append(demo_token_targets(rec["segmentations"][name], rec["truth"]["instances"]))
+    pixels, targets = torch.tensor(np.stack(frames)).permute(0, 3, 1, 2), torch.tensor(np.stack(targets))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in image_normalization(source))
+    torch.manual_seed(seed)
+    vit = CLIPVisionModel.from_pretrained(source)
+    heads = torch.nn.ModuleList(torch.nn.Linear(vit.config.hidden_size, len(v)) for v in data.ATTRIBUTES.values())
+    optimizer = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=DEMO["lr"], weight_decay=0.01)
+    bar = tqdm(range(steps), desc="pretrain vision")
+    for _ in bar:
+        batch = torch.randint(len(pixels), (32,))
+        tokens = vit(pixel_values=(pixels[batch] / 255 - mean) / std).last_hidden_state[:, 1:]  # CLS dropped
+        loss = sum(F.cross_entropy(head(tokens).flatten(0, 1), targets[batch][..., k].flatten())
+                   for k, head in enumerate(heads))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    vit.save_pretrained(out)
+
+
+def demo_token_targets(segmentations: dict, instances: dict, cover: float = 0.3):
+    """One frame's masks {ID: {"mask": RLE}} + the instances' truth -> (patches, 3): the indices of the colour,
+    shape and size (data.ATTRIBUTES) of the instance covering most of each patch, -100 where none covers `cover`."""
+    import numpy as np
+
+    import data
+
+    grid = DEMO_IMAGE_SIZE // DEMO_PATCH
+    best, target = np.full(grid * grid, cover), np.full((grid * grid, 3), -100)
+    for i, entry in segmentations.items():
+        covered = data.decode_rle(entry["mask"]).reshape(grid, DEMO_PATCH, grid, DEMO_PATCH).mean((1, 3)).reshape(-1)
+        wins = covered >= best
+        best[wins] = covered[wins]
+        target[wins] = [list(values).index(instances[i][k]) for k, values in data.ATTRIBUTES.items()]
+    return target
 
 
 def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
@@ -494,6 +551,10 @@ def run_demo(cfg: TrainConfig, overrides: dict) -> dict:
              for s in data.load_conversations(str(path), str(world)) for m in s["messages"]]
     texts += [m["content"] for q in questions for m in evaluate.bench_sample(q, 8)["messages"]]
     base = build_demo_model(str(out / "base"), texts, cfg.seed)
+    vision = out / "vision"
+    if not (cfg.resume and (vision / "model.safetensors").exists()):
+        demo_pretrain_vision(train_records, world, base["vision_model"], str(vision), cfg.seed, cfg.vision_pretrain_steps)
+    base["vision_model"] = str(vision)
     print(f"demo world: {len(records)} annotated scenes, {len(questions)} bench questions, "
           f"{time.perf_counter() - started:.0f} s; marks {'on' if cfg.som else 'off (--no-som)'}")
 
@@ -562,7 +623,7 @@ def demo_binding(predictions: list[dict], records: list[dict]) -> dict:
     import evaluate
 
     truth = {r["video_id"]: r["truth"]["instances"] for r in records}
-    vocab = {"colour": set(data.COLOURS), "shape": set(data.SHAPES), "size": set(data.SIZES)}
+    vocab = {kind: set(values) for kind, values in data.ATTRIBUTES.items()}
     out = {}
     for split in sorted({p["split"] for p in predictions}):
         right = in_scene = id_blind = total = 0

@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import annotate
 import data
@@ -71,7 +72,7 @@ def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
 
 def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
     result = train.main(["--demo", "--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2",
-                         "--eval-every", "3"])
+                         "--eval-every", "3", "--vision-pretrain-steps", "3"])
     assert result["step"] == 6
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["som"] is True and results["chance_mc"] == 25.0
@@ -88,6 +89,11 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
     for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl",
                  "reading/final/trained.safetensors", "reading/metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
+    from safetensors.torch import load_file
+    random_vit, pretrained = (load_file(tmp_path / f / "model.safetensors") for f in ("base/vision", "vision"))
+    assert any(not torch.equal(random_vit[k], pretrained[k]) for k in random_vit)  # the ViT's pretraining ran
+    stages = [json.loads((tmp_path / f / "config.json").read_text())["model"] for f in ("reading", ".")]
+    assert all(m["vision_model"] == str(tmp_path / "vision") for m in stages)  # and both stages start from it
     reading = json.loads((tmp_path / "reading" / "config.json").read_text())["train"]  # the first stage, then the mixture from it
     assert reading["max_steps"] == round(train.DEMO_READING_SHARE * 6)
     assert reading["data"] == [str(tmp_path / "world" / "reading.json")]
@@ -100,7 +106,8 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
 
 
 def test_no_som_demo_shows_raw_frames(tmp_path):
-    train.main(["--demo", "--no-som", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "2"])
+    train.main(["--demo", "--no-som", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "2",
+                "--vision-pretrain-steps", "1"])
     bench = json.loads((tmp_path / "world" / "bench" / "video_multi_choice.json").read_text())
     assert bench and all("/media/" in "/" + q["video_path"] for q in bench)
     records = json.loads((tmp_path / "world" / "train.json").read_text())
@@ -112,15 +119,32 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
         assert (np.array(data.open_image(str(shown))) == np.array(data.open_image(str(raw)))).all()
 
 
+def test_token_targets_name_the_instance_covering_most_of_each_patch():
+    p = train.DEMO_PATCH
+    big, small = np.zeros((train.DEMO_IMAGE_SIZE,) * 2, bool), np.zeros((train.DEMO_IMAGE_SIZE,) * 2, bool)
+    big[:p, :p + 4] = True            # all of patch 0, a quarter of patch 1 (below the 30% floor)
+    small[:p // 2, :p // 2 + 1] = True  # 28% of patch 0, under the big one
+    small[:p, p:2 * p] = True          # but all of patch 1
+    instances = {"1": {"colour": "red", "shape": "square", "size": "large"},
+                 "2": {"colour": "blue", "shape": "circle", "size": "tiny"}}
+    masks = {i: {"mask": data.encode_rle(m)} for i, m in (("1", big), ("2", small))}
+    target = train.demo_token_targets(masks, instances)
+    index = lambda i: [list(v).index(instances[i][k]) for k, v in data.ATTRIBUTES.items()]  # noqa: E731
+    assert target[0].tolist() == index("1") and target[1].tolist() == index("2")
+    assert (target[2:] == -100).all()  # no instance there
+
+
 def test_demo_resume_skips_a_finished_reading_stage(tmp_path):
     args = ["--demo", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "4", "--save-every", "2",
-            "--log-every", "1"]
+            "--log-every", "1", "--vision-pretrain-steps", "1"]
     train.main(args)
     reading_log = (tmp_path / "reading" / "metrics.jsonl").read_text()
+    vit = (tmp_path / "vision" / "model.safetensors").stat().st_mtime_ns
     (tmp_path / "results.json").unlink()
     result = train.main(args + ["--resume"])  # the mixture resumes from its checkpoint-4: nothing left to train
     assert result["step"] == 4 and (tmp_path / "results.json").is_file()
     assert (tmp_path / "reading" / "metrics.jsonl").read_text() == reading_log  # the reading stage did not run again
+    assert (tmp_path / "vision" / "model.safetensors").stat().st_mtime_ns == vit  # nor the ViT's pretraining
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
 
 

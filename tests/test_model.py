@@ -105,7 +105,7 @@ def test_gradients_reach_exactly_the_trainable_parameters_and_frozen_layers_stay
 
 
 def test_all_layers_trainable_trains_the_embeddings_too(tiny):
-    """An encoder trained from scratch (the demo) must learn its patch and position embeddings; with any
+    """An encoder trained from scratch must learn its patch and position embeddings; with any
     layer frozen (INST-IT) they stay frozen."""
     for trainable, embeddings_train in [(3, False), (4, True)]:  # tiny CLIP has 4 layers
         model = compose(tiny, trainable_vision_layers=trainable)
