@@ -6,8 +6,8 @@ by evaluate.bench_sample as the bench does (half multiple choice, half open-ende
 length), greedily, up to --max-new-tokens. Random weights rarely emit EOS, so nearly every answer runs to
 the limit in both modes. Runs alternate (batched, single, batched, ...) and medians are reported.
 On a GPU, `--lm qwen2-0.5b` (any LM of gpu_train.py, beside CLIP ViT-L/14-336: 576 image tokens) is the
-size a user evaluates. Figures: prompts/s, the speed-up batched/single, and how many answers are identical in both modes
-(left padding may change a near-tie argmax of a random model).
+size a user evaluates. Figures: prompts/s, the speed-up batched/single, and how many answers are identical
+in both modes (left padding may change a near-tie argmax of a random model).
 
     .venv/bin/python benchmarks/generation.py [--prompts 64] [--max-new-tokens 32] [--repeats 2]
     python benchmarks/generation.py --device cuda --lm qwen2-0.5b --out benchmarks/results/generation_cuda.json
@@ -121,8 +121,8 @@ def main(argv=None):
     print(f"speed-up batched/single: {speedup:.2f}x; identical answers: {same}/{len(samples)}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": where, "lm": args.lm, "prompts": len(samples), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                   "threads": args.threads, "repeats": args.repeats, "rows": rows, "speedup": speedup,
+        json.dump({"device": where, "lm": args.lm, "prompts": len(samples), "batch_size": args.batch_size,
+                   "max_new_tokens": args.max_new_tokens, "threads": args.threads, "repeats": args.repeats, "rows": rows, "speedup": speedup,
                    "identical_answers": same}, f, indent=1)
     print(f"wrote {args.out}")
 

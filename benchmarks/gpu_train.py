@@ -126,6 +126,7 @@ def build_theirs(lm: str, device: str, frames: int, lora_r: int, vision_layers: 
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
     from model import encoder_layers
+    from train_step import LM_LINEARS  # the same LoRA targets as the CPU comparison
 
     vision, text, _ = configs(lm, tiny)
     config = LlavaNextVideoConfig(vision_config=vision, text_config=text, video_token_index=4,
@@ -137,7 +138,7 @@ def build_theirs(lm: str, device: str, frames: int, lora_r: int, vision_layers: 
     with torch.device(device):
         model = LlavaNextVideoForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05,
-                                             target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"))
+                                             target_modules=LM_LINEARS))
     layers = encoder_layers(model.base_model.model.model.vision_tower)
     for layer in layers[len(layers) - vision_layers:len(layers) - 1]:  # the last layer's output is never used
         layer.requires_grad_(True)
