@@ -419,7 +419,7 @@ DEMO_READING_SHARE = 1.0               # the reading stage's steps, as a share o
 DEMO_READING_RATIO = 0.2               # share of reading chats kept in the mixture that follows, so it is not forgotten
 DEMO_MARKS = dict(fill=0.0, mark_colour=(255, 255, 255), grid=DEMO_PATCH)  # data.render_som's style for a model
 # that learns to see from scratch: no tint and white marks (the world's saturated colours are what the bench asks
-# about), each label whole in one patch token. Measured in the README ("Why").
+# about), each label whole in one patch token. Measured: benchmarks/DEMO_HISTORY.md.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -454,7 +454,7 @@ def demo_pretrain_vision(records: list[dict], world, source: str, out: str, seed
     `out`) learns to name, in every patch token, the colour, shape and size of the instance covering most of
     its patch (demo_token_targets) and the patch's own row and column, through linear heads dropped afterwards.
     Raw frames of the training scenes (an image, or three frames of a video), no marks and no IDs: --som and
-    --no-som get the same ViT. Measured (README, "Why shape does not bind"): the LM's loss alone never puts
+    --no-som get the same ViT. Measured (benchmarks/DEMO_HISTORY.md): the LM's loss alone never puts
     shape into the features; nor place: a row / column probe reads 56 / 52% of a patch's place without it."""
     import random
 
@@ -657,7 +657,7 @@ def demo_reading_data(records: list[dict], world, som: bool) -> list[dict]:
     """The reading stage's data: each instance of a training scene's first frame marked alone, asked "Which number
     is marked?" and then its colour, shape, size and position, one chat per instance, the frame saved in
     world/reading/<scene>-<ID>/ (--no-som: unmarked). A video scene's frame is a one-frame video, so that it is
-    read 2x2 pooled as the bench's videos are. Measured (README, "What it shows"): a model that first reads a lone
+    read 2x2 pooled as the bench's videos are. Measured (benchmarks/DEMO_HISTORY.md): a model that first reads a lone
     mark's digit then binds [k] to its object among several marks; without it, not in 7,000 steps. The number is
     asked first, so that its answer cannot be copied from a later question."""
     import data
@@ -689,7 +689,7 @@ def demo_general_data(records: list[dict], frames_root: str, seed: int) -> list[
     the mixture INST-IT takes from LLaVA's data (the bench's scenes are never used). As in LLaVA's data, each
     scene's questions (DEMO_QUESTION_ROUNDS draws of every kind) are one multi-turn chat. An MC answer is the
     option's text, which evaluate.extract_choice maps to its letter: answering with the letter is a large
-    pretrained LM's ability that the tiny one does not learn on a CPU (README, "Why")."""
+    pretrained LM's ability that the tiny one does not learn on a CPU (benchmarks/DEMO_HISTORY.md)."""
     import random
 
     import data
