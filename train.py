@@ -452,10 +452,9 @@ def build_demo_model(folder: str, texts: list[str], seed: int) -> dict:
 def demo_pretrain_vision(records: list[dict], world, source: str, out: str, seed: int, steps: int):
     """The stand-in for CLIP's pretraining, which a real run inherits: the demo's ViT (from `source`, saved to
     `out`) learns to name, in every patch token, the colour, shape and size of the instance covering most of
-    its patch (demo_token_targets) and the patch's own row and column, through linear heads dropped afterwards.
-    Raw frames of the training scenes (an image, or three frames of a video), no marks and no IDs: --som and
-    --no-som get the same ViT. Measured (benchmarks/DEMO_HISTORY.md): the LM's loss alone never puts
-    shape into the features; nor place: a row / column probe reads 56 / 52% of a patch's place without it."""
+    its patch (demo_token_targets), through three linear heads dropped afterwards. Raw frames of the training
+    scenes (an image, or three frames of a video), no marks and no IDs: --som and --no-som get the same ViT.
+    Measured (benchmarks/DEMO_HISTORY.md): the LM's loss alone never puts shape into the features."""
     import random
 
     import numpy as np
@@ -473,9 +472,7 @@ def demo_pretrain_vision(records: list[dict], world, source: str, out: str, seed
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in image_normalization(source))
     torch.manual_seed(seed)
     vit = CLIPVisionModel.from_pretrained(source)
-    grid = DEMO_IMAGE_SIZE // DEMO_PATCH
-    classes = [len(v) for v in data.ATTRIBUTES.values()] + [grid, grid]
-    heads = torch.nn.ModuleList(torch.nn.Linear(vit.config.hidden_size, n) for n in classes)
+    heads = torch.nn.ModuleList(torch.nn.Linear(vit.config.hidden_size, len(v)) for v in data.ATTRIBUTES.values())
     optimizer = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=DEMO["lr"], weight_decay=0.01)
     bar = tqdm(range(steps), desc="pretrain vision")
     for _ in bar:
@@ -491,21 +488,19 @@ def demo_pretrain_vision(records: list[dict], world, source: str, out: str, seed
 
 
 def demo_token_targets(segmentations: dict, instances: dict, cover: float = 0.3):
-    """One frame's masks {ID: {"mask": RLE}} + the instances' truth -> (patches, 5): the indices of the colour,
-    shape and size (data.ATTRIBUTES) of the instance covering most of each patch, -100 where none covers `cover`,
-    then the patch's row and column."""
+    """One frame's masks {ID: {"mask": RLE}} + the instances' truth -> (patches, 3): the indices of the colour,
+    shape and size (data.ATTRIBUTES) of the instance covering most of each patch, -100 where none covers `cover`."""
     import numpy as np
 
     import data
 
     grid = DEMO_IMAGE_SIZE // DEMO_PATCH
-    best, target = np.full(grid * grid, cover), np.full((grid * grid, 5), -100)
-    target[:, 3], target[:, 4] = np.divmod(np.arange(grid * grid), grid)
+    best, target = np.full(grid * grid, cover), np.full((grid * grid, 3), -100)
     for i, entry in segmentations.items():
         covered = data.decode_rle(entry["mask"]).reshape(grid, DEMO_PATCH, grid, DEMO_PATCH).mean((1, 3)).reshape(-1)
         wins = covered >= best
         best[wins] = covered[wins]
-        target[wins, :3] = [list(values).index(instances[i][k]) for k, values in data.ATTRIBUTES.items()]
+        target[wins] = [list(values).index(instances[i][k]) for k, values in data.ATTRIBUTES.items()]
     return target
 
 
