@@ -409,7 +409,7 @@ def plot_loss(out: str):
 # first (demo_pretrain_vision), then frozen but for its last layer, as LLaVA-style runs keep a pretrained encoder.
 DEMO = dict(
     out="runs/demo", lr=3e-4, projector_lr=3e-4, vision_lr=3e-4, weight_decay=0.01, warmup_ratio=0.05,
-    batch_size=16, grad_accum=1, max_steps=300, max_length=1024, num_workers=0, log_every=10, save_every=500,
+    batch_size=16, grad_accum=1, max_steps=400, max_length=1024, num_workers=0, log_every=10, save_every=500,
     lm_training="full", trainable_vision_layers=1, vision_feature_layer=-1, max_frames=8)
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
 DEMO_VISION_LAYERS = 4                 # the tiny ViT's depth
