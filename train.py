@@ -473,7 +473,8 @@ def demo_pretrain_vision(records: list[dict], world, source: str, out: str, seed
     torch.manual_seed(seed)
     vit = CLIPVisionModel.from_pretrained(source)
     heads = torch.nn.ModuleList(torch.nn.Linear(vit.config.hidden_size, len(v)) for v in data.ATTRIBUTES.values())
-    optimizer = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=DEMO["lr"], weight_decay=0.01)
+    optimizer = torch.optim.AdamW([*vit.parameters(), *heads.parameters()], lr=DEMO["lr"],
+                                  weight_decay=DEMO["weight_decay"])
     bar = tqdm(range(steps), desc="pretrain vision")
     for _ in bar:
         batch = torch.randint(len(pixels), (32,))

@@ -122,7 +122,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": where, "lm": args.lm, "prompts": len(samples), "batch_size": args.batch_size,
-                   "max_new_tokens": args.max_new_tokens, "threads": args.threads, "repeats": args.repeats, "rows": rows, "speedup": speedup,
+                   "max_new_tokens": args.max_new_tokens, "threads": args.threads, "repeats": args.repeats,
+                   "rows": rows, "speedup": speedup,
                    "identical_answers": same}, f, indent=1)
     print(f"wrote {args.out}")
 
