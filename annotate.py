@@ -450,8 +450,7 @@ def record_name(rec):
 
 def read_input(path):
     """IN.json (records shaped like the INST-IT masked release, issue 4) -> list, checked before any request."""
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+    records = data.read_json(str(path))  # invalid JSON: an error naming the file
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of records")
     seen = set()
@@ -713,14 +712,12 @@ def syphus_main(argv):
     args = p.parse_args(argv)
     task = PROMPTS["syphus"]
     if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            task = json.load(f)
+        task = data.read_json(args.prompts)
         bad = [n for n, ex in enumerate(task.get("in_context", [])) if not {"context", "pairs"} <= set(ex)]
         if "system_message" not in task or "in_context" not in task or bad:
             raise ValueError(f"{args.prompts}: needs system_message and in_context: [{{context, pairs}}]"
                              + (f" (in_context[{bad[0]}] is incomplete)" if bad else ""))
-    with open(args.input, encoding="utf-8") as f:
-        records = json.load(f)
+    records = data.read_json(args.input)
     out, languages = Path(args.out), [x for x in args.languages.split(",") if x]
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
 
@@ -760,8 +757,7 @@ def review(out_json=None):
     check); all annotation text is HTML-escaped."""
     if out_json is None:
         sys.exit("usage: python annotate.py review OUT.json")
-    with open(out_json, encoding="utf-8") as f:
-        records = json.load(f)
+    records = data.read_json(out_json)
     esc = html.escape
     page = ["<!doctype html><meta charset='utf-8'><title>INST-IT annotations</title>"
             "<style>td{vertical-align:top;padding:6px}img{max-width:420px}</style>"]

@@ -529,8 +529,7 @@ def _name(index, record, *id_fields) -> str:
     return f"#{index}"
 
 
-def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = False,
-                         system: str | None = None) -> list[dict]:
+def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = False) -> list[dict]:
     """A normalised INST-IT record -> its instruction conversations, the four kinds of INST-IT 2.4:
     1. each frame: "describe each marked instance" -> instance captions; "describe the image" -> its caption;
     2. each two consecutive frames with a temporal change: "what changed" -> the change;
@@ -554,7 +553,7 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
                                    " ".join(f"[{i}]" for i in sorted(unmarked, key=int)))
         if len(shown) > max_frames:
             return log.warning("%s: %d frames, more than max_frames=%d (skipped)", where, len(shown), max_frames)
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = []
         for k, (question, answer) in enumerate(turns):
             messages += [{"role": "user", "content": (PLACEHOLDER + "\n" if k == 0 else "") + question},
                          {"role": "assistant", "content": answer}]
@@ -725,8 +724,7 @@ def _llava(records, path, media_root, check_media):
     return convert_records(path, [(_name(i, r, "id"), r) for i, r in enumerate(records)], convert)
 
 
-def load_mimicit(instructions: str, images: str, train_config: str | None = None,
-                 max_in_context: int | None = None) -> list[dict]:
+def load_mimicit(instructions: str, images: str, train_config: str | None = None) -> list[dict]:
     """MIMIC-IT `<name>_instructions.json` + its base64 images (JSON id -> base64, or parquet with a `base64`
     column, with pyarrow) -> in-context samples: the in-context examples (`rel_ins_ids`, or the train-config
     file's ins_id -> [ids], whose keys are then the queries) then the query, each chunk `<image> instruction`
@@ -762,8 +760,7 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
 
     def convert(item):
         ins_id, context = item
-        context = list(context or [])[:max_in_context]
-        chunks = [chunk(c, f"{ins_id}.rel_ins_ids") for c in context] + [chunk(ins_id, "data")]
+        chunks = [chunk(c, f"{ins_id}.rel_ins_ids") for c in context or []] + [chunk(ins_id, "data")]
         messages = []
         for visual, instruction, answer in chunks:
             visual["pooled"] = len(visual["frames"]) > 1 or len(chunks) > 1

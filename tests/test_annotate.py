@@ -428,6 +428,9 @@ def test_bad_input_names_the_file_and_record(media, server, capsys):
     (media / "dup.json").write_text(json.dumps([records[2], records[2]]))
     with pytest.raises(ValueError, match=r"dup.json: record 1: image_id=9 appears twice"):
         annotate.read_input(media / "dup.json")
+    (media / "cut.json").write_text(json.dumps(records)[:-20])  # a file cut short, as by a killed copy
+    with pytest.raises(ValueError, match=r"cut.json: not valid JSON"):
+        annotate.read_input(media / "cut.json")
 
 
 def test_refs_are_normalised_and_checked():
