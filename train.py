@@ -3,6 +3,7 @@ r"""Continuous SFT of the LLaVA-style model (INST-IT 2.4, 3.1, Tab. 6), one GPU 
     python train.py --stage continuous --llava-checkpoint llava-hf/llava-1.5-7b-hf --load-in-4bit \
         --data inst_it_dataset_video_21k.json:0.5 --data llava_v1_5_mix665k.json:0.5 --out runs/instit
     accelerate launch train.py ...        # several GPUs: DDP (tested); FSDP/DeepSpeed are not wired in
+    python train.py --demo --out runs/demo    # `make demo`; with --scenes 8000 --max-steps 4000 it learns (README)
 
 A plain loop you can step through: build the model for the stage, load the data mixture, then for each
 optimizer step accumulate micro-batches, clip, step, log, and checkpoint. A checkpoint holds trained
