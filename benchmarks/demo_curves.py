@@ -9,12 +9,12 @@ dashed; the longest runs drawn with squares.
 """
 import argparse
 import glob
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data import read_json  # noqa: E402
 from evaluate import MC_RANDOM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +30,12 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {path: json.load(open(path)) for path in args.results}
+    if not args.results:
+        parser.error("no results.json given, and none kept as benchmarks/results/demo_*.json")
+    runs = {path: read_json(path) for path in args.results}
+    for path, run in runs.items():
+        if not run.get("curve"):
+            parser.error(f"{path}: no learning curve in it (the demo writes one with --eval-every K)")
     longest = max(run["steps"] for run in runs.values())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for path, run in runs.items():
