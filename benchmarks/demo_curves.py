@@ -51,7 +51,7 @@ def main():
         ax.axhline(goal, color="green", linestyle=":", linewidth=1)
         ax.set(title=f"{split} (dotted: chance {MC_RANDOM:.0f}, goal {goal})", xlabel="mixture steps", ylim=(0, 100))
     axes[0].set_ylabel("held-out MC accuracy, %")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(args.out)
