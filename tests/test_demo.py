@@ -214,3 +214,16 @@ def test_binding_tells_seeing_the_scene_from_reading_the_mark():
     binding = train.demo_binding(predictions, records)
     assert binding["image_mc"] == {"right": 25.0, "in_scene": 50.0, "id_blind": 50.0, "total": 4}
     assert binding["image_oe"] == {"right": 50.0, "in_scene": 75.0, "id_blind": 62.5, "total": 4}
+
+
+def test_demo_curves_names_a_results_file_without_a_curve(tmp_path):
+    """benchmarks/demo_curves.py refuses a results.json written without --eval-every, naming it."""
+    import subprocess
+    import sys
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"som": True, "seed": 0, "steps": 10}))
+    script = Path(__file__).parent.parent / "benchmarks" / "demo_curves.py"
+    run = subprocess.run([sys.executable, str(script), str(results), "--out", str(tmp_path / "c.png")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and f"{results}: no learning curve" in run.stderr
+    assert not (tmp_path / "c.png").exists()
