@@ -8,7 +8,7 @@ PY := .venv/bin/python
 	touch .venv/done
 
 demo: .venv/done
-	$(PY) train.py --demo --out runs/demo
+	$(PY) demo.py --out runs/demo
 
 test: .venv/done
 	$(PY) -m pytest -q tests

@@ -1,12 +1,13 @@
 """The INST-IT annotation pipeline (INST-IT 2.1, App. A.2) and a Syphus-style generator (MIMIC-IT 3.2).
 
-Frames with Set-of-Marks drawn by `data.render_som` go through three GPT stages, written out in the INST-IT
+Frames with Set-of-Marks drawn by `som.render_som` go through three GPT stages, written out in the INST-IT
 dataset format (FORMATS.md):
     annotate_frame   Y_t^f = GPT(P^f,   X_t, X_{t-1})        (Eq. 1) instance, image and change captions
     summarize_video  Y^vid = GPT(P^vid, [Y_1^f ... Y_N^f])   (Eq. 2) one chronological video caption
     generate_qa      Y^qa  = GPT(P^qa,  [Y_1^f ... Y_N^f])   (Eq. 3) open-ended question-answer pairs
 `syphus` turns annotations into MIMIC-IT instruction/answer pairs from a task (system message + in-context
 examples) and `translate` translates them. Prompts live in PROMPTS; PROMPT_VERSION is in every cache key.
+Read top to bottom: the prompts and Eq. 1-3, the pipeline over a dataset, the client, the command line.
 
 The client, shared with evaluate.py's judge:
     client = LLMClient(base_url, model, cache_path, json_mode=False, max_retries=5, timeout=120.0)
@@ -38,7 +39,6 @@ import html
 import io
 import json
 import os
-import random
 import re
 import sys
 import threading
@@ -51,6 +51,7 @@ import openai
 from tqdm import tqdm
 
 import data
+from som import MarkStyle, instance_key, instance_mask, named_ids, natural_key, open_image, render_som
 
 PROMPT_VERSION = "instit-a2-v1"
 _RULES = ("Instances are marked with numeric IDs (Set-of-Marks): each ID is drawn on its instance, and an "
@@ -116,6 +117,302 @@ def check_schema(value, schema, where="answer"):
         for i, v in enumerate(value):
             check_schema(v, schema["items"], f"{where}[{i}]")
 
+
+# ---------------------------------------------------------------------------------------------------
+# Eq. 1-3, Syphus and translation: each a prompt, a schema and a check of the [IDs] and <t>s named.
+
+def refs(text):
+    """Text -> ({instance IDs named as [ID]}, {timestamps named as <t>}), read after data.normalize_text."""
+    text = data.normalize_text(text)
+    return named_ids(text), {int(t) for t in re.findall(r"<(\d+)>", text)}
+
+
+def id_list(ids):
+    """{3, 1} -> "[1] [3]": IDs as a text names them ("none" for no ID)."""
+    return " ".join(f"[{i}]" for i in sorted(ids)) or "none"
+
+
+def check_refs(text, ids, timestamps=None):
+    """Raise ValueError if `text` names an [ID] not in `ids` or a <t> not in `timestamps` (None: any <t>)."""
+    named, named_times = refs(text)
+    if named - set(ids):
+        raise ValueError(f"{id_list(named - set(ids))} named in {text[:60]!r} but not among the marks {id_list(ids)}")
+    if timestamps is not None and named_times - set(timestamps):
+        raise ValueError(f"{' '.join(f'<{t}>' for t in sorted(named_times - set(timestamps)))} named in "
+                         f"{text[:60]!r} but the frames are {' '.join(f'<{t}>' for t in sorted(timestamps))}")
+
+
+def annotate_frame(client, frame, prev_frame, ids, prev_ids=()):
+    """Eq. 1 (INST-IT 2.1, App. A.2): SoM frames X_t, X_{t-1} -> {"instance_level": {id: caption}, "image_level":
+    str, "temporal_change": str | None}. `ids`, `prev_ids`: the marks drawn on each; prev_frame None: first frame."""
+    ids, first, p = set(ids), prev_frame is None, PROMPTS["frame"]
+    content = [] if first else [{"type": "text", "text": p["previous"]}, client.image_part(prev_frame)]
+    content += [{"type": "text", "text": p["current"].format(marks=id_list(ids))}, client.image_part(frame),
+                {"type": "text", "text": p["task_first" if first else "task"]}]
+    captions = {"type": "array", "items": schema_object(id={"type": "integer"}, caption=_STR)}
+    schema = schema_object(instance_level=captions, image_level=_STR, **({} if first else {"temporal_change": _STR}))
+
+    def validate(answer):
+        for item in answer["instance_level"]:
+            if item["id"] not in ids:
+                raise ValueError(f"instance_level describes [{item['id']}], not among the marks {id_list(ids)}")
+            check_refs(item["caption"], ids)
+        check_refs(answer["image_level"], ids)
+        if not first:  # an instance that just left the frame may still be named
+            check_refs(answer["temporal_change"], ids | set(prev_ids))
+
+    messages = [{"role": "system", "content": p["system"]}, {"role": "user", "content": content}]
+    answer = client.complete_json(messages, schema, validate, "frame_annotation")
+    return {"instance_level": {str(i["id"]): data.normalize_text(i["caption"]) for i in answer["instance_level"]},
+            "image_level": data.normalize_text(answer["image_level"]),
+            "temporal_change": None if first else data.normalize_text(answer["temporal_change"])}
+
+
+def annotations_text(frame_annotations):
+    """frame_level_caption entries -> the text GPT reads in Eq. 2, Eq. 3 and Syphus, frame by frame <t>."""
+    lines = []
+    for f in frame_annotations:
+        if f.get("timestamp") is not None:
+            lines.append(f"<{f['timestamp']}>")
+        for i, c in f["instance_level"].items():  # a caption may be {"short", "long"} (masked release)
+            lines.append(f"[{i}]: {c if isinstance(c, str) else c.get('long') or c.get('short')}")
+        if f.get("image_level"):  # the oracle leaves it empty for a frame with a single instance
+            lines.append(f"Frame: {f['image_level']}")
+        if f.get("temporal_change"):
+            lines.append(f"Change since the previous frame: {f['temporal_change']}")
+    return data.normalize_text("\n".join(lines))
+
+
+def _from_annotations(client, system, frame_annotations, schema, check, name):
+    """Eq. 2 and 3 share this: frame annotations as text -> the answer, every text in it passing `check`
+    (only [ID]s and <t>s present in the annotations)."""
+    text = annotations_text(frame_annotations)
+    ids, times = refs(text)[0], {f["timestamp"] for f in frame_annotations}
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+    return client.complete_json(messages, schema, lambda answer: check(answer, ids, times), name)
+
+
+def summarize_video(client, frame_annotations):
+    """Eq. 2 (INST-IT 2.1): frame annotations Y_1^f..Y_N^f -> one dense, chronological video caption."""
+    answer = _from_annotations(client, PROMPTS["video"], frame_annotations, schema_object(video_level_caption=_STR),
+                               lambda a, ids, times: check_refs(a["video_level_caption"], ids, times), "video_summary")
+    return data.normalize_text(answer["video_level_caption"])
+
+
+def _check_pairs(pairs, ids, times):
+    if not pairs:
+        raise ValueError("no pairs")
+    for pair in pairs:
+        check_refs(" ".join(pair.values()), ids, times)
+
+
+def generate_qa(client, frame_annotations, num_pairs=(10, 20)):
+    """Eq. 3 (INST-IT 2.1): frame annotations -> [{"question", "answer"}], open-ended, with [ID] and <t>."""
+    schema = schema_object(question_answer_pairs={"type": "array", "items": schema_object(question=_STR, answer=_STR)})
+    answer = _from_annotations(client, PROMPTS["qa"].format(lo=num_pairs[0], hi=num_pairs[1]), frame_annotations,
+                               schema, lambda a, ids, times: _check_pairs(a["question_answer_pairs"], ids, times),
+                               "qa_pairs")
+    return [{k: data.normalize_text(v) for k, v in qa.items()} for qa in answer["question_answer_pairs"]]
+
+
+def syphus(client, task, context, ids, timestamps=None):
+    """MIMIC-IT 3.2 (Syphus): system message + in-context examples + annotations -> [{"instruction", "answer"}].
+    `task` = {"system_message", "in_context": [{"context", "pairs"}]}, the shape of PROMPTS["syphus"]."""
+    messages = [{"role": "system", "content": task["system_message"]}]
+    for example in task["in_context"]:
+        messages += [{"role": "user", "content": example["context"]},
+                     {"role": "assistant", "content": json.dumps({"pairs": example["pairs"]})}]
+    messages.append({"role": "user", "content": context})
+    answer = client.complete_json(messages, _PAIRS, lambda a: _check_pairs(a["pairs"], ids, timestamps),
+                                  "syphus_pairs")
+    return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
+
+
+def translate(client, pairs, language):
+    """MIMIC-IT 3.2: instruction/answer pairs -> the same pairs in `language`, [ID]s and <t>s unchanged."""
+    def validate(answer):
+        if len(answer["pairs"]) != len(pairs):
+            raise ValueError(f"{len(answer['pairs'])} pairs returned for {len(pairs)}")
+        for i, (src, dst) in enumerate(zip(pairs, answer["pairs"])):
+            for k in ("instruction", "answer"):
+                if refs(src[k]) != refs(dst[k]):
+                    raise ValueError(f"pair {i} {k}: the [ID]s and <t>s of {src[k][:60]!r} were changed")
+
+    messages = [{"role": "system", "content": PROMPTS["translate"].format(language=language)},
+                {"role": "user", "content": json.dumps({"pairs": pairs}, ensure_ascii=False)}]
+    answer = client.complete_json(messages, _PAIRS, validate, "translated_pairs")
+    return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
+
+
+def check_record(rec):
+    """Raise ValueError, naming record and frame, where an INST-IT dataset record names an [ID] not marked on that
+    frame (a key of its `segmentations`; without them, any ID captioned in the record) or a <t> it does not
+    have: the checks every Eq. 1-3 answer passed, for annotations written another way (an oracle) to pass too."""
+    frames, _ = record_frames(rec)
+    segs = rec.get("segmentations")
+    captioned = {int(i) for f in frames for k in f["instance_level"] for i in instance_key(k).split(",")}
+    drawn = [captioned if segs is None else
+             {int(i) for i in (segs if "image_path" in rec else segs.get(f["frame_name"], {}))} for f in frames]
+    prev = set()
+    for f, ids in zip(frames, drawn):
+        try:
+            check_refs(annotations_text([{**f, "timestamp": None, "temporal_change": None}]), ids)
+            check_refs(f.get("temporal_change") or "", ids | prev)
+        except ValueError as e:
+            raise ValueError(f"{record_name(rec)} frame {f.get('frame_name', rec.get('image_path'))}: {e}") from None
+        prev = ids
+    texts = [rec.get("video_level_caption") or ""]
+    texts += [" ".join(qa.values()) for qa in rec.get("question_answer_pairs", [])]
+    try:
+        check_refs("\n".join(texts), set().union(*drawn), {f["timestamp"] for f in frames} - {None})
+    except ValueError as e:
+        raise ValueError(f"{record_name(rec)} video caption or QA: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline: IN.json records -> SoM frames -> Eq. 1-3 -> INST-IT records.
+
+def file_safe(name):
+    """An ID as a file or folder name: anything but letters, digits, "." and "-" becomes "_"."""
+    return re.sub(r"[^\w.-]", "_", str(name))
+
+
+def record_name(rec):
+    """How messages name a record: video_id=... or image_id=..."""
+    return f"video_id={rec['video_id']}" if "video_id" in rec else f"image_id={rec.get('image_id')}"
+
+
+def record_frames(rec):
+    """An INST-IT dataset record -> (frame annotations, [(image ID, SoM frame path)]); an image is one frame."""
+    if "video_path" in rec:
+        frames = rec["frame_level_caption"]
+        return frames, [(f"{file_safe(rec['video_id'])}_{f['frame_name']}", f"{rec['video_path']}/{f['frame_name']}")
+                        for f in frames]
+    frame = {"timestamp": None, "instance_level": rec["instance_level_caption"],
+             "image_level": rec["image_level_caption"]}
+    return [frame], [(file_safe(rec["image_id"]), rec["image_path"])]
+
+
+def read_input(path):
+    """IN.json (records shaped like the INST-IT masked release, FORMATS.md) -> list, checked before any request."""
+    records = data.read_json(str(path))  # invalid JSON: an error naming the file
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records")
+    seen = set()
+    for n, rec in enumerate(records):
+        kind = "video" if "video_path" in rec else "image"
+        if f"{kind}_id" not in rec or f"{kind}_path" not in rec:
+            raise ValueError(f"{path}: record {n} needs video_id + video_path or image_id + image_path")
+        if (kind, file_safe(rec[f"{kind}_id"])) in seen:
+            raise ValueError(f"{path}: record {n}: {record_name(rec)} appears twice")
+        seen.add((kind, file_safe(rec[f"{kind}_id"])))
+    return records
+
+
+def load_frames(rec, media_root, num_frames):
+    """IN.json record -> [(frame name, PIL image, its segmentation entries)], frames sampled uniformly."""
+    segs = rec.get("segmentations") or {}
+    if "image_path" in rec:
+        return [(f"{file_safe(rec['image_id'])}.jpg", open_image(str(Path(media_root) / rec["image_path"])), segs)]
+    source = Path(media_root) / rec["video_path"]
+    if source.is_dir():
+        names = rec.get("frames") or sorted(segs, key=natural_key)
+        missing = [n for n in names if not (source / n).is_file()]
+        if missing or not names:
+            raise ValueError(f"{source / (missing or ['?'])[0]}: frame not found ({len(missing)} of {len(names)} "
+                             "listed frames missing)")
+        images, index = data.sample_frames([str(source / n) for n in names], num_frames)
+        names = [names[i] for i in index]
+    else:  # a video file, whose frames are named by index
+        images, index = data.sample_frames(str(source), num_frames)
+        names = [f"{i:05d}.jpg" for i in index]
+        if any(n not in segs for n in names):
+            raise ValueError(f"{source}: sampled frame {next(n for n in names if n not in segs)} has no "
+                             "segmentations (frames of a video file are named 00000.jpg, 00001.jpg, ...)")
+    return [(name, image, segs.get(name, {})) for name, image in zip(names, images)]
+
+
+def visible_instances(entries, size, where):
+    """{instance ID: {"mask": RLE} | {"box": [...]} | {"polygon": [...]}} -> {int ID: entry} without empty ones:
+    an instance absent from a frame gets no mark there, so naming its [ID] there is an error."""
+    try:
+        return {int(i): e for i, e in entries.items() if instance_mask(e, size, i).any()}
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _raise_all(errors):
+    """The stage failures of one record -> one error (BatchPending if they all wait for a batch)."""
+    if errors:
+        cls = BatchPending if all(isinstance(e, BatchPending) for _, e in errors) else LLMError
+        raise cls("; ".join(f"{where}: {e}" for where, e in errors))
+
+
+def render_record(rec, media_root, som_dir, num_frames=8, style: MarkStyle = MarkStyle()):
+    """IN.json record -> [(frame name, SoM frame, IDs drawn)], the SoM frames saved under som_dir/images/ or
+    som_dir/videos/<video_id>/ (the same marks whoever annotates them: GPT or demo.py's oracle), in `style`."""
+    folder = "images" if "image_path" in rec else f"videos/{file_safe(rec['video_id'])}"
+    os.makedirs(som_dir / folder, exist_ok=True)
+    rendered, places = [], {}  # one label_places per record: a label keeps its place across frames
+    for name, image, entries in load_frames(rec, media_root, num_frames):
+        drawn = visible_instances(entries, image.size, f"segmentations of {name}")
+        som = render_som(image, drawn, style, label_places=places)
+        som.save(som_dir / folder / name, quality=95)  # format from the frame's extension
+        rendered.append((name, som, set(drawn)))
+    return rendered
+
+
+def annotate_record(client, rec, media_root, som_dir, num_frames=8, style: MarkStyle = MarkStyle()):
+    """One IN.json record -> one INST-IT dataset record (Eq. 1-3), its SoM frames saved under som_dir."""
+    rendered = render_record(rec, media_root, som_dir, num_frames, style)
+    errors, captions = [], []  # every stage is tried, so one re-run (or one batch) covers all that is missing
+    for t, (name, som, ids) in enumerate(rendered, 1):
+        prev_som, prev_ids = rendered[t - 2][1:] if t > 1 else (None, ())
+        try:
+            caption = annotate_frame(client, som, prev_som, ids, prev_ids)
+            captions.append({"timestamp": t, "frame_name": name, **caption})
+        except LLMError as e:
+            errors.append((f"frame {name}", e))
+    _raise_all(errors)
+    segs = rec.get("segmentations") or {}
+    if "image_path" in rec:
+        return {"image_id": rec["image_id"], "image_path": f"{som_dir.name}/images/{rendered[0][0]}",
+                "instance_level_caption": captions[0]["instance_level"],
+                "image_level_caption": captions[0]["image_level"], "segmentations": segs}
+    out = {"video_id": rec["video_id"], "video_path": f"{som_dir.name}/videos/{file_safe(rec['video_id'])}",
+           "frame_level_caption": captions}
+    for key, stage in (("video_level_caption", summarize_video), ("question_answer_pairs", generate_qa)):
+        try:
+            out[key] = stage(client, captions)
+        except LLMError as e:
+            errors.append((key, e))
+    _raise_all(errors)
+    out["segmentations"] = {name: segs.get(name, {}) for name, _, _ in rendered}
+    return out
+
+
+def run_all(fn, items, names, workers, client, desc):
+    """fn over items on a thread pool, with a progress bar -> (results, {name: error}), None where failed."""
+    results, failures = [None] * len(items), {}
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        futures = {pool.submit(fn, item): n for n, item in enumerate(items)}
+        with tqdm(total=len(items), desc=desc, unit="record") as bar:
+            for future in as_completed(futures):
+                n = futures[future]
+                try:
+                    results[n] = future.result()
+                except (LLMError, ValueError, OSError) as e:  # bad media or a failed stage: this record only
+                    failures[names[n]] = e
+                bar.set_postfix_str(f"{client.progress()} failed_records={len(failures)}")
+                bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return results, failures
+
+
+# ---------------------------------------------------------------------------------------------------
+# The client: one OpenAI-compatible chat client with a request cache, JSON answers and usage counters.
 
 class LLMError(RuntimeError):
     """A request or an answer that failed for good (after the SDK's and our retries); says why."""
@@ -291,336 +588,8 @@ class LLMClient:
         return tuple(counts)
 
 
-def refs(text):
-    """Text -> ({instance IDs named as [ID]}, {timestamps named as <t>}), read after data.normalize_text."""
-    text = data.normalize_text(text)
-    return {int(i) for i in re.findall(r"\[(\d+)\]", text)}, {int(t) for t in re.findall(r"<(\d+)>", text)}
-
-
-def marks(ids):
-    return " ".join(f"[{i}]" for i in sorted(ids)) or "none"
-
-
-def check_refs(text, ids, timestamps=None):
-    """Raise ValueError if `text` names an [ID] not in `ids` or a <t> not in `timestamps` (None: any <t>)."""
-    named_ids, named_times = refs(text)
-    if named_ids - set(ids):
-        raise ValueError(f"{marks(named_ids - set(ids))} named in {text[:60]!r} but not among the marks {marks(ids)}")
-    if timestamps is not None and named_times - set(timestamps):
-        raise ValueError(f"{' '.join(f'<{t}>' for t in sorted(named_times - set(timestamps)))} named in "
-                         f"{text[:60]!r} but the frames are {' '.join(f'<{t}>' for t in sorted(timestamps))}")
-
-
-def annotate_frame(client, frame, prev_frame, ids, prev_ids=()):
-    """Eq. 1 (INST-IT 2.1, App. A.2): SoM frames X_t, X_{t-1} -> {"instance_level": {id: caption}, "image_level":
-    str, "temporal_change": str | None}. `ids`, `prev_ids`: the marks drawn on each; prev_frame None: first frame."""
-    ids, first, p = set(ids), prev_frame is None, PROMPTS["frame"]
-    content = [] if first else [{"type": "text", "text": p["previous"]}, client.image_part(prev_frame)]
-    content += [{"type": "text", "text": p["current"].format(marks=marks(ids))}, client.image_part(frame),
-                {"type": "text", "text": p["task_first" if first else "task"]}]
-    captions = {"type": "array", "items": schema_object(id={"type": "integer"}, caption=_STR)}
-    schema = schema_object(instance_level=captions, image_level=_STR, **({} if first else {"temporal_change": _STR}))
-
-    def validate(answer):
-        for item in answer["instance_level"]:
-            if item["id"] not in ids:
-                raise ValueError(f"instance_level describes [{item['id']}], not among the marks {marks(ids)}")
-            check_refs(item["caption"], ids)
-        check_refs(answer["image_level"], ids)
-        if not first:  # an instance that just left the frame may still be named
-            check_refs(answer["temporal_change"], ids | set(prev_ids))
-
-    messages = [{"role": "system", "content": p["system"]}, {"role": "user", "content": content}]
-    answer = client.complete_json(messages, schema, validate, "frame_annotation")
-    return {"instance_level": {str(i["id"]): data.normalize_text(i["caption"]) for i in answer["instance_level"]},
-            "image_level": data.normalize_text(answer["image_level"]),
-            "temporal_change": None if first else data.normalize_text(answer["temporal_change"])}
-
-
-def annotations_text(frame_annotations):
-    """frame_level_caption entries -> the text GPT reads in Eq. 2, Eq. 3 and Syphus, frame by frame <t>."""
-    lines = []
-    for f in frame_annotations:
-        if f.get("timestamp") is not None:
-            lines.append(f"<{f['timestamp']}>")
-        for i, c in f["instance_level"].items():  # a caption may be {"short", "long"} (masked release)
-            lines.append(f"[{i}]: {c if isinstance(c, str) else c.get('long') or c.get('short')}")
-        if f.get("image_level"):  # the oracle leaves it empty for a frame with a single instance
-            lines.append(f"Frame: {f['image_level']}")
-        if f.get("temporal_change"):
-            lines.append(f"Change since the previous frame: {f['temporal_change']}")
-    return data.normalize_text("\n".join(lines))
-
-
-def _from_annotations(client, system, frame_annotations, schema, check, name):
-    """Eq. 2 and 3 share this: frame annotations as text -> the answer, every text in it passing `check`
-    (only [ID]s and <t>s present in the annotations)."""
-    text = annotations_text(frame_annotations)
-    ids, times = refs(text)[0], {f["timestamp"] for f in frame_annotations}
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-    return client.complete_json(messages, schema, lambda answer: check(answer, ids, times), name)
-
-
-def summarize_video(client, frame_annotations):
-    """Eq. 2 (INST-IT 2.1): frame annotations Y_1^f..Y_N^f -> one dense, chronological video caption."""
-    answer = _from_annotations(client, PROMPTS["video"], frame_annotations, schema_object(video_level_caption=_STR),
-                               lambda a, ids, times: check_refs(a["video_level_caption"], ids, times), "video_summary")
-    return data.normalize_text(answer["video_level_caption"])
-
-
-def _check_pairs(pairs, ids, times):
-    if not pairs:
-        raise ValueError("no pairs")
-    for pair in pairs:
-        check_refs(" ".join(pair.values()), ids, times)
-
-
-def generate_qa(client, frame_annotations, num_pairs=(10, 20)):
-    """Eq. 3 (INST-IT 2.1): frame annotations -> [{"question", "answer"}], open-ended, with [ID] and <t>."""
-    schema = schema_object(question_answer_pairs={"type": "array", "items": schema_object(question=_STR, answer=_STR)})
-    answer = _from_annotations(client, PROMPTS["qa"].format(lo=num_pairs[0], hi=num_pairs[1]), frame_annotations,
-                               schema, lambda a, ids, times: _check_pairs(a["question_answer_pairs"], ids, times),
-                               "qa_pairs")
-    return [{k: data.normalize_text(v) for k, v in qa.items()} for qa in answer["question_answer_pairs"]]
-
-
-def syphus(client, task, context, ids, timestamps=None):
-    """MIMIC-IT 3.2 (Syphus): system message + in-context examples + annotations -> [{"instruction", "answer"}].
-    `task` = {"system_message", "in_context": [{"context", "pairs"}]}, the shape of PROMPTS["syphus"]."""
-    messages = [{"role": "system", "content": task["system_message"]}]
-    for example in task["in_context"]:
-        messages += [{"role": "user", "content": example["context"]},
-                     {"role": "assistant", "content": json.dumps({"pairs": example["pairs"]})}]
-    messages.append({"role": "user", "content": context})
-    answer = client.complete_json(messages, _PAIRS, lambda a: _check_pairs(a["pairs"], ids, timestamps),
-                                  "syphus_pairs")
-    return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
-
-
-def translate(client, pairs, language):
-    """MIMIC-IT 3.2: instruction/answer pairs -> the same pairs in `language`, [ID]s and <t>s unchanged."""
-    def validate(answer):
-        if len(answer["pairs"]) != len(pairs):
-            raise ValueError(f"{len(answer['pairs'])} pairs returned for {len(pairs)}")
-        for i, (src, dst) in enumerate(zip(pairs, answer["pairs"])):
-            for k in ("instruction", "answer"):
-                if refs(src[k]) != refs(dst[k]):
-                    raise ValueError(f"pair {i} {k}: the [ID]s and <t>s of {src[k][:60]!r} were changed")
-
-    messages = [{"role": "system", "content": PROMPTS["translate"].format(language=language)},
-                {"role": "user", "content": json.dumps({"pairs": pairs}, ensure_ascii=False)}]
-    answer = client.complete_json(messages, _PAIRS, validate, "translated_pairs")
-    return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
-
-
-def check_record(rec):
-    """Raise ValueError, naming record and frame, where an INST-IT dataset record names an [ID] not marked on that
-    frame (a key of its `segmentations`; without them, any ID captioned in the record) or a <t> it does not
-    have: the checks every Eq. 1-3 answer passed, for annotations written another way (an oracle) to pass too."""
-    frames, _ = record_frames(rec)
-    segs = rec.get("segmentations")
-    captioned = {int(i) for f in frames for k in f["instance_level"] for i in data.instance_key(k).split(",")}
-    drawn = [captioned if segs is None else
-             {int(i) for i in (segs if "image_path" in rec else segs.get(f["frame_name"], {}))} for f in frames]
-    prev = set()
-    for f, ids in zip(frames, drawn):
-        try:
-            check_refs(annotations_text([{**f, "timestamp": None, "temporal_change": None}]), ids)
-            check_refs(f.get("temporal_change") or "", ids | prev)
-        except ValueError as e:
-            raise ValueError(f"{record_name(rec)} frame {f.get('frame_name', rec.get('image_path'))}: {e}") from None
-        prev = ids
-    texts = [rec.get("video_level_caption") or ""]
-    texts += [" ".join(qa.values()) for qa in rec.get("question_answer_pairs", [])]
-    try:
-        check_refs("\n".join(texts), set().union(*drawn), {f["timestamp"] for f in frames} - {None})
-    except ValueError as e:
-        raise ValueError(f"{record_name(rec)} video caption or QA: {e}") from None
-
-
-# ---- The dataset pipeline: IN.json records -> SoM frames -> Eq. 1-3 -> INST-IT records ----
-
-def _safe(name):
-    return re.sub(r"[^\w.-]", "_", str(name))
-
-
-def record_name(rec):
-    return f"video_id={rec['video_id']}" if "video_id" in rec else f"image_id={rec.get('image_id')}"
-
-
-def read_input(path):
-    """IN.json (records shaped like the INST-IT masked release, issue 4) -> list, checked before any request."""
-    records = data.read_json(str(path))  # invalid JSON: an error naming the file
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of records")
-    seen = set()
-    for n, rec in enumerate(records):
-        kind = "video" if "video_path" in rec else "image"
-        if f"{kind}_id" not in rec or f"{kind}_path" not in rec:
-            raise ValueError(f"{path}: record {n} needs video_id + video_path or image_id + image_path")
-        if (kind, _safe(rec[f"{kind}_id"])) in seen:
-            raise ValueError(f"{path}: record {n}: {record_name(rec)} appears twice")
-        seen.add((kind, _safe(rec[f"{kind}_id"])))
-    return records
-
-
-def load_frames(rec, media_root, num_frames):
-    """IN.json record -> [(frame name, PIL image, its segmentation entries)], frames sampled uniformly."""
-    segs = rec.get("segmentations") or {}
-    if "image_path" in rec:
-        return [(f"{_safe(rec['image_id'])}.jpg", data.open_image(str(Path(media_root) / rec["image_path"])), segs)]
-    source = Path(media_root) / rec["video_path"]
-    if source.is_dir():
-        names = rec.get("frames") or sorted(segs, key=data.natural_key)
-        missing = [n for n in names if not (source / n).is_file()]
-        if missing or not names:
-            raise ValueError(f"{source / (missing or ['?'])[0]}: frame not found ({len(missing)} of {len(names)} "
-                             "listed frames missing)")
-        images, index = data.sample_frames([str(source / n) for n in names], num_frames)
-        names = [names[i] for i in index]
-    else:  # a video file, whose frames are named by index
-        images, index = data.sample_frames(str(source), num_frames)
-        names = [f"{i:05d}.jpg" for i in index]
-        if any(n not in segs for n in names):
-            raise ValueError(f"{source}: sampled frame {next(n for n in names if n not in segs)} has no "
-                             "segmentations (frames of a video file are named 00000.jpg, 00001.jpg, ...)")
-    return [(name, image, segs.get(name, {})) for name, image in zip(names, images)]
-
-
-def _drawn(entries, size, where):
-    """{instance ID: {"mask": RLE} | {"box": [...]} | {"polygon": [...]}} -> {int ID: entry} without empty ones:
-    an instance absent from a frame gets no mark there, so naming its [ID] there is an error."""
-    try:
-        return {int(i): e for i, e in entries.items() if data.instance_mask(e, size, i).any()}
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def _raise_all(errors):
-    """The stage failures of one record -> one error (BatchPending if they all wait for a batch)."""
-    if errors:
-        cls = BatchPending if all(isinstance(e, BatchPending) for _, e in errors) else LLMError
-        raise cls("; ".join(f"{where}: {e}" for where, e in errors))
-
-
-def render_record(rec, media_root, som_dir, num_frames=8, marks=None):
-    """IN.json record -> [(frame name, SoM frame, IDs drawn)], the SoM frames saved under som_dir/images/ or
-    som_dir/videos/<video_id>/ (the same marks whoever annotates them: GPT or the demo's oracle). `marks`: the
-    style, as keyword arguments of data.render_som (fill, grid, mark_colour); None: its defaults."""
-    folder = "images" if "image_path" in rec else f"videos/{_safe(rec['video_id'])}"
-    os.makedirs(som_dir / folder, exist_ok=True)
-    rendered, places = [], {}  # one label_places per record: a label keeps its place across frames
-    for name, image, entries in load_frames(rec, media_root, num_frames):
-        drawn = _drawn(entries, image.size, f"segmentations of {name}")
-        som = data.render_som(image, drawn, label_places=places, **(marks or {}))
-        som.save(som_dir / folder / name, quality=95)  # format from the frame's extension
-        rendered.append((name, som, set(drawn)))
-    return rendered
-
-
-def annotate_record(client, rec, media_root, som_dir, num_frames=8, marks=None):
-    """One IN.json record -> one INST-IT dataset record (Eq. 1-3), its SoM frames saved under som_dir."""
-    rendered = render_record(rec, media_root, som_dir, num_frames, marks)
-    errors, captions = [], []  # every stage is tried, so one re-run (or one batch) covers all that is missing
-    for t, (name, som, ids) in enumerate(rendered, 1):
-        prev_som, prev_ids = rendered[t - 2][1:] if t > 1 else (None, ())
-        try:
-            caption = annotate_frame(client, som, prev_som, ids, prev_ids)
-            captions.append({"timestamp": t, "frame_name": name, **caption})
-        except LLMError as e:
-            errors.append((f"frame {name}", e))
-    _raise_all(errors)
-    segs = rec.get("segmentations") or {}
-    if "image_path" in rec:
-        return {"image_id": rec["image_id"], "image_path": f"{som_dir.name}/images/{rendered[0][0]}",
-                "instance_level_caption": captions[0]["instance_level"],
-                "image_level_caption": captions[0]["image_level"], "segmentations": segs}
-    out = {"video_id": rec["video_id"], "video_path": f"{som_dir.name}/videos/{_safe(rec['video_id'])}",
-           "frame_level_caption": captions}
-    for key, stage in (("video_level_caption", summarize_video), ("question_answer_pairs", generate_qa)):
-        try:
-            out[key] = stage(client, captions)
-        except LLMError as e:
-            errors.append((key, e))
-    _raise_all(errors)
-    out["segmentations"] = {name: segs.get(name, {}) for name, _, _ in rendered}
-    return out
-
-
-def oracle_record(rec, media_root, som_dir, seed=0, marks=None):
-    """A synthetic-world IN.json record (data.synthetic_world, with its `truth`) -> the INST-IT record that
-    annotate_record writes, with the same SoM frames, but every text written from the ground truth: the
-    demo's annotator, which needs no API. Its output passes check_record, as GPT's answers must."""
-    rendered = render_record(rec, media_root, som_dir, num_frames=len(rec["frames"]), marks=marks)
-    truth, rng = rec["truth"], random.Random(f"{seed}-{rec['video_id']}")
-    size, captions, previous = truth["size"], [], None
-    for t, (name, _, ids) in enumerate(rendered, 1):
-        centres, ids = truth["centres"][name], sorted(map(str, ids), key=int)
-        instance_level = {}
-        for i in ids:
-            a = truth["instances"][i]
-            instance_level[i] = f"A {a['size']} {a['colour']} {a['shape']} at the {data.quadrant(*centres[i], size)}."
-        image_level = " ".join(f"[{a}] is {data.relation(centres[a], centres[b])} [{b}]."
-                               for k, a in enumerate(ids) for b in ids[k + 1:])
-        change = None
-        if previous is not None:
-            moves = []
-            for i in ids:
-                if i not in previous:
-                    moves.append(f"[{i}] appears.")
-                    continue
-                (x0, y0), (x1, y1) = previous[i], centres[i]
-                still = max(abs(x1 - x0), abs(y1 - y0)) < 0.5
-                moves.append(f"[{i}] stays still." if still else f"[{i}] moves "
-                             f"{('left' if x1 < x0 else 'right') if abs(x1 - x0) >= abs(y1 - y0) else ('up' if y1 < y0 else 'down')}.")
-            change = " ".join(moves)
-        captions.append({"timestamp": t, "frame_name": name, "instance_level": instance_level,
-                         "image_level": image_level or None, "temporal_change": change})
-        previous = centres
-    video = len(rendered) > 1
-    kinds = data.SYNTHETIC_KINDS["video" if video else "image"]
-    pairs = {q["question"]: q["answer"] for _ in range(2) for q in data.synthetic_questions(truth, rng, kinds)}
-    summary = None
-    if video:
-        summary = f"From <1> to <{len(rendered)}>, " + "; ".join(
-            f"[{i}], a {a['colour']} {a['shape']}, {data.MOTION_WORDS[a['motion']]}"
-            for i, a in sorted(truth["instances"].items(), key=lambda kv: int(kv[0]))
-            if any(i in truth["centres"][name] for name, _, _ in rendered)) + "."
-    return {"video_id": rec["video_id"], "video_path": f"{som_dir.name}/videos/{_safe(rec['video_id'])}",
-            "frame_level_caption": captions, "video_level_caption": summary,
-            "question_answer_pairs": [{"question": q, "answer": a} for q, a in pairs.items()],
-            "segmentations": {name: rec["segmentations"].get(name, {}) for name, _, _ in rendered}}
-
-
-def run_all(fn, items, names, workers, client, desc):
-    """fn over items on a thread pool, with a progress bar -> (results, {name: error}), None where failed."""
-    results, failures = [None] * len(items), {}
-    pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        futures = {pool.submit(fn, item): n for n, item in enumerate(items)}
-        with tqdm(total=len(items), desc=desc, unit="record") as bar:
-            for future in as_completed(futures):
-                n = futures[future]
-                try:
-                    results[n] = future.result()
-                except (LLMError, ValueError, OSError) as e:  # bad media or a failed stage: this record only
-                    failures[names[n]] = e
-                bar.set_postfix_str(f"{client.progress()} failed_records={len(failures)}")
-                bar.update()
-    finally:
-        pool.shutdown(cancel_futures=True)
-    return results, failures
-
-
-def write_json_atomic(path, obj):
-    """Write JSON to a temporary file, then rename it over `path`: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+# ---------------------------------------------------------------------------------------------------
+# Command line.
 
 def add_client_args(p):
     """The LLMClient options as command-line flags (for every command that calls a model)."""
@@ -663,43 +632,6 @@ def _report(out, written, failures, client, args):
     return 1 if failed else 0
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["review"]:
-        return review(*argv[1:2])
-    if argv[:1] == ["syphus"]:
-        return syphus_main(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="other commands: `annotate.py review OUT.json`, `annotate.py syphus --help`")
-    p.add_argument("--input", required=True, help="IN.json: video/image records with segmentations")
-    p.add_argument("--media-root", required=True, help="folder the records' paths are relative to")
-    p.add_argument("--out", required=True, help="OUT.json, in the INST-IT dataset format")
-    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
-    add_client_args(p)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    records = read_input(args.input)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    client = client_from_args(args, out.with_suffix(".cache.jsonl"))
-    som_dir = out.parent / f"{out.stem}_som"
-    results, failures = run_all(lambda r: annotate_record(client, r, args.media_root, som_dir, args.num_frames),
-                                records, [record_name(r) for r in records], args.workers, client, "annotate")
-    done = [r for r in results if r is not None]
-    write_json_atomic(out, done)
-    return _report(out, len(done), failures, client, args)
-
-
-def record_frames(rec):
-    """An INST-IT dataset record -> (frame annotations, [(image ID, SoM frame path)]); an image is one frame."""
-    if "video_path" in rec:
-        frames = rec["frame_level_caption"]
-        return frames, [(f"{_safe(rec['video_id'])}_{f['frame_name']}", f"{rec['video_path']}/{f['frame_name']}")
-                        for f in frames]
-    frame = {"timestamp": None, "instance_level": rec["instance_level_caption"],
-             "image_level": rec["image_level_caption"]}
-    return [frame], [(_safe(rec["image_id"]), rec["image_path"])]
-
-
 def syphus_main(argv):
     """`annotate.py syphus`: INST-IT records -> MIMIC-IT instructions JSON, its images JSON, translations."""
     p = argparse.ArgumentParser(prog="annotate.py syphus", description=syphus.__doc__)
@@ -721,7 +653,7 @@ def syphus_main(argv):
     out, languages = Path(args.out), [x for x in args.languages.split(",") if x]
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
 
-    def one(rec):
+    def syphus_record(rec):
         frames = record_frames(rec)[0]
         context = annotations_text(frames)
         if rec.get("video_level_caption"):
@@ -729,7 +661,7 @@ def syphus_main(argv):
         pairs = syphus(client, task, context, refs(context)[0], {f["timestamp"] for f in frames} - {None})
         return pairs, {language: translate(client, pairs, language) for language in languages}
 
-    results, failures = run_all(one, records, [record_name(r) for r in records], args.workers, client, "syphus")
+    results, failures = run_all(syphus_record, records, [record_name(r) for r in records], args.workers, client, "syphus")
     root = Path(args.media_root or Path(args.input).parent)
     files = {out: {}, **{out.with_name(f"{out.stem}_{language}.json"): {} for language in languages}}
     images = {}
@@ -747,8 +679,8 @@ def syphus_main(argv):
                                        "rel_ins_ids": [i for i in ins_ids if i != ins_id]}
     meta = {"version": PROMPT_VERSION, "time": time.strftime("%Y-%m"), "author": "annotate.py syphus"}
     for path, entries in files.items():
-        write_json_atomic(path, {"meta": meta, "data": entries})
-    write_json_atomic(out.with_name(f"{out.stem}_images.json"), images)
+        data.write_json(path, {"meta": meta, "data": entries})
+    data.write_json(out.with_name(f"{out.stem}_images.json"), images)
     return _report(out, len(records) - len(failures), failures, client, args)
 
 
@@ -779,6 +711,32 @@ def review(out_json=None):
     html_path.write_text("\n".join(page), encoding="utf-8")
     print(html_path)
     return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["review"]:
+        return review(*argv[1:2])
+    if argv[:1] == ["syphus"]:
+        return syphus_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="other commands: `annotate.py review OUT.json`, `annotate.py syphus --help`")
+    p.add_argument("--input", required=True, help="IN.json: video/image records with segmentations")
+    p.add_argument("--media-root", required=True, help="folder the records' paths are relative to")
+    p.add_argument("--out", required=True, help="OUT.json, in the INST-IT dataset format")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    add_client_args(p)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    records = read_input(args.input)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    client = client_from_args(args, out.with_suffix(".cache.jsonl"))
+    som_dir = out.parent / f"{out.stem}_som"
+    results, failures = run_all(lambda r: annotate_record(client, r, args.media_root, som_dir, args.num_frames),
+                                records, [record_name(r) for r in records], args.workers, client, "annotate")
+    done = [r for r in results if r is not None]
+    data.write_json(out, done)
+    return _report(out, len(done), failures, client, args)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ import os
 import re
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
-SPLITS = {"image_mc": "image_multi_choice", "image_oe": "image_open_ended",
-          "video_mc": "video_multi_choice", "video_oe": "video_open_ended"}
+from tqdm import tqdm
+
+import data
+from som import named_ids
 # INST-IT paper, Table 2: image OE / image MC / video OE / video MC (None: not reported).
 PUBLISHED = {
     "GPT-4o": (74.1, 84.8, 65.5, 81.0),
@@ -45,7 +48,7 @@ _CHOICE_PATTERNS = [
 ]
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
     """Lowercase words, punctuation dropped, padded with spaces so `in` matches whole words."""
     return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
@@ -76,8 +79,8 @@ def extract_choice(response: str, options) -> str | None:
         for m in reversed(list(re.finditer(pattern, text, flags=re.IGNORECASE | re.MULTILINE))):
             if not _is_article(text, m):
                 return m.group(1).upper() if m.group(1).upper() in letters else None
-    said = _normalise(text)  # an answer that only repeats one option's text
-    repeated = [k.upper() for k, v in texts.items() if v.strip() and _normalise(v) in said]
+    said = normalise(text)  # an answer that only repeats one option's text
+    repeated = [k.upper() for k, v in texts.items() if v.strip() and normalise(v) in said]
     if len(repeated) == 1:
         return repeated[0]
     standalone = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)
@@ -100,17 +103,13 @@ def score_mc(predictions: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Open-ended: the offline proxy (the LLM judge is below).
 
-def _ids(text: str) -> set:
-    return {int(i) for i in re.findall(r"\[(\d+)\]", text)}
-
-
 def oe_proxy(prediction: str, reference: str) -> float:
     """Offline stand-in for the judge, reported as "oe_proxy", never as the judge score: token F1 of
     prediction vs reference, times the Jaccard agreement of the [IDs] they name (1 when neither names any)."""
     pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
     common = sum((Counter(pred) & Counter(ref)).values())
     f1 = 0.0 if not common else 2 * common / (len(pred) + len(ref))
-    a, b = _ids(prediction), _ids(reference)
+    a, b = named_ids(prediction), named_ids(reference)
     return f1 * (len(a & b) / len(a | b) if a | b else 1.0)
 
 
@@ -161,23 +160,11 @@ def load_predictions(path: str) -> list[dict]:
     return records
 
 
-def write_json(path: str, obj):
-    """Write atomically: a killed run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def plot_scores(summary: dict, path: str):
     """PNG bar chart: this run beside the published INST-IT Table 2 numbers, per split (matplotlib if
-    installed; otherwise a note)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install matplotlib)", file=sys.stderr)
+    installed; otherwise a warning)."""
+    plt = data.pyplot()
+    if plt is None:
         return
     splits = [s for s in PUBLISHED_ORDER if s in summary]
     rows = {**{name: dict(zip(PUBLISHED_ORDER, vals)) for name, vals in PUBLISHED.items()},
@@ -232,10 +219,6 @@ def judge_score(client, question: str, reference: str, prediction: str, video: b
 def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
     """OE records -> {"oe_proxy", "total"} and, with a judge client, {"score", "failed"}: 100 x the mean
     judge score, failed judge calls counted as 0 and reported (never dropped from the denominator)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
     total = len(predictions)
     out = {"total": total,
            "oe_proxy": 100 * sum(oe_proxy(p["model_prediction"], p["ground_truth"]) for p in predictions) / max(total, 1)}
@@ -295,9 +278,6 @@ def bench_sample(question: dict, num_frames: int) -> dict:
 def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 256,
                      desc: str = "generate") -> list[str]:
     """Prompt samples -> decoded answers, in left-padded batches (greedy)."""
-    import data
-    from tqdm import tqdm
-
     answers = []
     for k in tqdm(range(0, len(samples), batch_size), desc=desc):
         encoded = [data.encode_sample(s, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
@@ -312,9 +292,7 @@ def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_to
 def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8,
               max_new_tokens=256, num_frames=8, client=None) -> dict:
     """Model x bench -> out_dir/predictions.jsonl (official shape), summary.json, scores.png; the summary."""
-    import data
-
-    wanted = [SPLITS.get(s, s) for s in splits]
+    wanted = [data.BENCH_SPLITS.get(s, s) for s in splits]
     questions = data.load_instit_bench(bench, wanted, media_root)
     if not questions:
         raise SystemExit(f"{bench}: no questions in splits {splits}")
@@ -322,17 +300,14 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
     predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
                     "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
                    for q, a in zip(questions, answers)]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "predictions.jsonl.tmp"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in predictions)
-    os.replace(os.path.join(out_dir, "predictions.jsonl.tmp"), os.path.join(out_dir, "predictions.jsonl"))
+    data.write_json(os.path.join(out_dir, "predictions.jsonl"), predictions)
     summary = {}
     for split in sorted({p["split"] for p in predictions}):
         rows = [p for p in predictions if p["split"] == split]
         summary[split] = score_mc(rows) if split.endswith("mc") else score_oe(rows, client)
         if split.endswith("mc"):
             summary[split]["chance"] = MC_RANDOM
-    write_json(os.path.join(out_dir, "summary.json"), summary)
+    data.write_json(os.path.join(out_dir, "summary.json"), summary)
     plot_scores(summary, os.path.join(out_dir, "scores.png"))
     print_summary(summary)
     return summary
@@ -364,8 +339,6 @@ def print_summary(summary: dict):
 def evaluate_instructions(model, tasks: str, templates: str, media_root=None, batch_size=8, max_new_tokens=32) -> dict:
     """MultiInstruct .jsonl + {task: [templates]} -> per-task accuracy under each template (normalised exact
     match with target_txt), per-task mean/max/std, the aggregate and the Sensitivity (MultiInstruct 5.1)."""
-    import data
-
     task_of = {str(r.get("unique_id", "?")): r.get("task_name") for r in data.read_json(tasks)}
     template_lists = data.read_json(templates) if isinstance(templates, str) else templates
     n_templates = min(len(v) for v in template_lists.values())
@@ -376,7 +349,7 @@ def evaluate_instructions(model, tasks: str, templates: str, media_root=None, ba
         answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
         hits = {}
         for s, a in zip(samples, answers):
-            right = _normalise(a) == _normalise(s["messages"][-1]["content"])
+            right = normalise(a) == normalise(s["messages"][-1]["content"])
             hits.setdefault(task_of[s["id"]], []).append(right)
         for task, h in hits.items():
             per_task.setdefault(task, []).append(100 * sum(h) / len(h))
@@ -418,6 +391,7 @@ def main(argv=None):
         cmd.add_argument("--judge-cache", help="judge cache file (default: beside --out)")
         cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
     args = p.parse_args(argv)
+    data.log_to_stderr()
     if getattr(args, "judge_base_url", None) and not args.judge_cache:  # run: inside --out DIR; score: beside the file
         folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))
         args.judge_cache = os.path.join(folder, "judge.cache.jsonl")
@@ -425,21 +399,21 @@ def main(argv=None):
     if args.command == "score":
         predictions = load_predictions(args.predictions)
         result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))
-        write_json(args.out, result)
+        data.write_json(args.out, result)
         print(json.dumps(result))
         return result
     from model import LlavaStyleModel
 
     splits = [s.strip() for s in getattr(args, "splits", "").split(",") if s.strip()]
-    unknown = [s for s in splits if s not in SPLITS and s not in SPLITS.values()]
+    unknown = [s for s in splits if s not in data.BENCH_SPLITS and s not in data.BENCH_SPLITS.values()]
     if unknown:  # before the model is loaded
-        raise SystemExit(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
+        raise SystemExit(f"unknown split(s) {unknown}; choose from {list(data.BENCH_SPLITS)}")
     model = LlavaStyleModel.from_pretrained(args.model).eval()
     if args.command == "run":
         return run_bench(model, args.bench, splits, args.out, args.media_root, args.batch_size, args.max_new_tokens,
                          args.num_frames, judge_client(args))
     result = evaluate_instructions(model, args.tasks, args.templates, args.media_root)
-    write_json(os.path.join(args.out, "instructions.json"), result)
+    data.write_json(os.path.join(args.out, "instructions.json"), result)
     for task, r in result["tasks"].items():
         print(f"{task:30} mean {r['mean']:5.1f}  max {r['max']:5.1f}  std {r['std']:5.1f}")
     print(f"aggregate {result['aggregate']:.1f}  sensitivity {result['sensitivity']:.3f} (lower is better)")

@@ -1,6 +1,6 @@
 """Data pipeline, frames/s on one core: frame sampling and Set-of-Marks rendering, and video decoding.
 
-1. data.sample_frames (8 of 16 JPEG frames in a folder) and data.render_som (10 instances, masks as bool
+1. data.sample_frames (8 of 16 JPEG frames in a folder) and som.render_som (10 instances, masks as bool
    arrays), at 336x336 and 1920x1080, beside roboflow supervision's MaskAnnotator + LabelAnnotator on the
    same frames and masks (if `import supervision` works), and beside a plain Pillow baseline a user would
    write (alpha-blend each mask, draw its ID at the mask's centroid). Note render_som does more than the
@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import som  # noqa: E402
 
 SIZES = {"336px": (336, 336), "1080p": (1920, 1080)}
 NUM_INSTANCES = 10
@@ -69,13 +70,13 @@ def pillow_baseline(image: Image.Image, masks: dict, fill: float = 0.25) -> Imag
     out = image.copy()
     font = ImageFont.load_default(size=max(12, min(image.size) // 16))
     for instance_id, mask in masks.items():
-        colour = Image.new("RGB", image.size, data.id_colour(instance_id))
+        colour = Image.new("RGB", image.size, som.id_colour(instance_id))
         out.paste(Image.blend(out, colour, fill), mask=Image.fromarray(mask))
     draw = ImageDraw.Draw(out)
     for instance_id, mask in masks.items():
         ys, xs = np.nonzero(mask)
         draw.text((xs.mean(), ys.mean()), str(instance_id), fill=(255, 255, 255), font=font, anchor="mm",
-                  stroke_width=2, stroke_fill=data.id_colour(instance_id))
+                  stroke_width=2, stroke_fill=som.id_colour(instance_id))
     return out
 
 
@@ -111,12 +112,12 @@ def som_rows(repeats: int, folder: str) -> list[dict]:
         frames = [image for image, _ in scenes]
         masks = {id(image): m for image, m in scenes}  # each frame with its own masks
         sampled = frames_per_second(lambda _: data.sample_frames(frame_dir, 8), [None], repeats) * 8
-        ours = frames_per_second(lambda f: data.render_som(f, masks[id(f)]), frames, repeats)
+        ours = frames_per_second(lambda f: som.render_som(f, masks[id(f)]), frames, repeats)
 
         def video(_):  # 8 frames of one video share a dict: a label stays put while inside its (static) mask
             places = {}
             for f in frames:
-                data.render_som(f, scenes[0][1], label_places=places)
+                som.render_som(f, scenes[0][1], label_places=places)
         reused = frames_per_second(video, [None], repeats) * len(frames)
 
         both = 1 / (1 / sampled + 1 / ours)  # the two stages run one after the other per frame

@@ -1,6 +1,6 @@
 """The demo's learning curves: held-out image and video MC against mixture steps, one line per run.
 
-Reads the results.json files the demo writes (`train.py --demo --eval-every K` puts a bench score every K
+Reads the results.json files the demo writes (`demo.py --eval-every K` puts a bench score every K
 mixture steps under "curve"), as kept in benchmarks/results/demo_*.json, and draws them beside chance and the
 goal of issue 9 (image MC >= 60, video MC >= 50). A colour per seed; runs with marks solid, `--no-som` runs
 dashed; the longest runs drawn with squares.

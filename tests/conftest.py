@@ -4,8 +4,13 @@ Every model here is built from a config with random weights, saved with `save_pr
 folder and then loaded by path, so tests go through exactly the code a hub ID takes. The tokenizer is a
 byte-level BPE trained in memory on a few sentences, with the special tokens and a chat template.
 """
+import hashlib
+import http.server
+import json
 import os
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -13,10 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)  # CI has 2 cores; more threads only add contention
 
-CHAT_TEMPLATE = (  # ChatML, as Qwen2 uses; tests also cover tokenizers without a template
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from data import CHATML  # noqa: E402  (ChatML, as Qwen2 uses; tests also cover tokenizers without a template)
+
 CORPUS = [
     "Describe each marked instance. [1] is a small red circle left of [2], a large blue square.",
     "What changed between <1> and <2>? [2] moves right and [1] stays still.",
@@ -40,7 +43,7 @@ def make_tokenizer():
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<image>", "<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE)
+        additional_special_tokens=["<image>", "<|im_start|>", "<|im_end|>"], chat_template=CHATML)
 
 
 def vision_config(kind):
@@ -92,3 +95,90 @@ def tiny(tmp_path_factory):
     LlavaForConditionalGeneration(llava_cfg).save_pretrained(paths["llava"])
     tokenizer.save_pretrained(paths["llava"])
     return paths
+
+
+class FakeLLM(http.server.ThreadingHTTPServer):
+    """A chat-completions server on 127.0.0.1 for the annotator and the judge. `answer(body)` gives the model's
+    JSON answer; `script` lists how the next requests behave: "429", "500", "401" (echoing the key), "bad_body"
+    (not JSON), "not_json" (a chat answer that is not JSON), "bad_id" (names an undrawn [99]), "slow", "hang"."""
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.answer = lambda body: {}  # request body -> the JSON object the model answers (tests set it)
+        self.script, self.lock = [], threading.Lock()
+        self.log, self.bodies = [], []  # per request: (sha256 of the body, behaviour); the parsed body
+        self.hang_after = None  # answer this many requests, then hang every later one
+        self.hanging, self.release = threading.Event(), threading.Event()
+        self.delay, self.inflight, self.max_inflight = 0.0, 0, 0  # seconds per answer; concurrency seen
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_port}/v1"
+
+    def answered(self):
+        """sha256 of each request body that got a valid answer."""
+        return [h for h, outcome in self.log if outcome == "ok"]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, payload, headers=()):
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            for k, v in [("content-type", "application/json"), ("content-length", str(len(raw))), *headers]:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) or was killed
+            pass
+
+    def do_POST(self):
+        server, raw = self.server, self.rfile.read(int(self.headers["content-length"]))
+        body, digest = json.loads(raw), hashlib.sha256(raw).hexdigest()
+        with server.lock:
+            server.auth = self.headers.get("authorization")
+            behaviour = server.script.pop(0) if server.script else "ok"
+            if server.hang_after is not None and len(server.log) >= server.hang_after:
+                behaviour = "hang"
+            server.log.append((digest, behaviour))
+            server.bodies.append(body)
+        retry_fast = [("retry-after-ms", "10")]  # the SDK honours it: keeps backoff short in tests
+        if behaviour == "hang":
+            server.hanging.set()
+            server.release.wait(30)
+            return
+        if behaviour == "429":
+            return self._send(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, retry_fast)
+        if behaviour == "500":
+            return self._send(500, {"error": {"message": "internal error"}}, retry_fast)
+        if behaviour == "401":  # echoes the key, as some servers do
+            return self._send(401, {"error": {"message": f"Incorrect API key provided: {server.auth}"}})
+        if behaviour == "bad_body":
+            return self._send(200, b"{not json")
+        with server.lock:
+            server.inflight += 1
+            server.max_inflight = max(server.max_inflight, server.inflight)
+        time.sleep(2.0 if behaviour == "slow" else server.delay)
+        with server.lock:
+            server.inflight -= 1
+        content = {"not_json": "Sure! Here are the captions: [1] is red.",
+                   "bad_id": json.dumps({**server.answer(body), "image_level": "[1] is next to [99]."})
+                   }.get(behaviour) or json.dumps(server.answer(body))
+        self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": content}}],
+                         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
+
+
+@pytest.fixture
+def llm_server():
+    s = FakeLLM()
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+    yield s
+    s.release.set()
+    s.shutdown()
+    s.server_close()

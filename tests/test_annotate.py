@@ -6,16 +6,12 @@ its content (marks and timestamps it reads in the prompt), so a re-run gets iden
 JSON, an answer that is not JSON, an answer naming an ID that was never drawn, or a hang (to kill a run).
 """
 import base64
-import hashlib
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,26 +24,6 @@ import data
 
 KEY = "sk-test-7f3a9c2e51d84b06"  # must never appear in a file the annotator writes
 REPO = Path(__file__).resolve().parent.parent
-
-
-class FakeLLM(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.script, self.lock = [], threading.Lock()
-        self.log, self.bodies = [], []  # per request: (sha256 of the body, behaviour); the parsed body
-        self.hang_after = None  # answer this many requests, then hang every later one
-        self.hanging, self.release = threading.Event(), threading.Event()
-        self.delay, self.inflight, self.max_inflight = 0.0, 0, 0  # seconds per answer; concurrency seen
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_port}/v1"
-
-    def answered(self):
-        """sha256 of each request body that got a valid answer."""
-        return [h for h, outcome in self.log if outcome == "ok"]
 
 
 def _text(body):
@@ -83,67 +59,10 @@ def valid_answer(body):
     return answer
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, payload, headers=()):
-        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            for k, v in [("content-type", "application/json"), ("content-length", str(len(raw))), *headers]:
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(raw)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) or was killed
-            pass
-
-    def do_POST(self):
-        server, raw = self.server, self.rfile.read(int(self.headers["content-length"]))
-        body, digest = json.loads(raw), hashlib.sha256(raw).hexdigest()
-        with server.lock:
-            server.auth = self.headers.get("authorization")
-            behaviour = server.script.pop(0) if server.script else "ok"
-            if server.hang_after is not None and len(server.log) >= server.hang_after:
-                behaviour = "hang"
-            server.log.append((digest, behaviour))
-            server.bodies.append(body)
-        retry_fast = [("retry-after-ms", "10")]  # the SDK honours it: keeps backoff short in tests
-        if behaviour == "hang":
-            server.hanging.set()
-            server.release.wait(30)
-            return
-        if behaviour == "429":
-            return self._send(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, retry_fast)
-        if behaviour == "500":
-            return self._send(500, {"error": {"message": "internal error"}}, retry_fast)
-        if behaviour == "401":  # echoes the key, as some servers do
-            return self._send(401, {"error": {"message": f"Incorrect API key provided: {server.auth}"}})
-        if behaviour == "bad_body":
-            return self._send(200, b"{not json")
-        with server.lock:
-            server.inflight += 1
-            server.max_inflight = max(server.max_inflight, server.inflight)
-        time.sleep(2.0 if behaviour == "slow" else server.delay)
-        with server.lock:
-            server.inflight -= 1
-        content = {"not_json": "Sure! Here are the captions: [1] is red.",
-                   "bad_id": json.dumps({**valid_answer(body), "image_level": "[1] is next to [99]."})
-                   }.get(behaviour) or json.dumps(valid_answer(body))
-        self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": content}}],
-                         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
-
-
 @pytest.fixture
-def server():
-    s = FakeLLM()
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-    yield s
-    s.release.set()
-    s.shutdown()
-    s.server_close()
+def server(llm_server):
+    llm_server.answer = valid_answer
+    return llm_server
 
 
 @pytest.fixture(autouse=True)

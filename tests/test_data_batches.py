@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import som
 from conftest import make_tokenizer
 from model import ModelConfig, num_visual_tokens
 
@@ -77,7 +78,7 @@ def test_plain_template_for_tokenizers_without_one():
     tok.chat_template = None
     out = data.encode_sample(sample(TWO_TURNS, [{"frames": [image()]}]), tok, CFG)
     text = tok.decode(out["input_ids"][out["input_ids"] != tok.convert_tokens_to_ids("<image>")])
-    assert text.startswith("<s>" + data.PROMPTS["system"] + " USER: \nDescribe [1]. ASSISTANT: [1] is")
+    assert text.startswith("<s>" + data.FALLBACK_SYSTEM + " USER: \nDescribe [1]. ASSISTANT: [1] is")
     labelled = out["labels"] != -100
     starts = torch.diff(labelled.int(), prepend=torch.zeros(1, dtype=torch.int)) == 1
     assert starts.sum() == 2  # two separate assistant spans
@@ -256,20 +257,23 @@ def test_mixture_argument_errors():
         data.MixtureSampler([[1], []], [0.5, 0.5], 2)
 
 
-def test_cli_help_and_som(tmp_path, capsys):
-    out = subprocess.run([sys.executable, "data.py", "--help"], capture_output=True, text=True,
-                         cwd=str(__import__("pathlib").Path(data.__file__).parent))
-    assert out.returncode == 0 and "som" in out.stdout and "show" in out.stdout
+def test_every_script_explains_itself_and_som_draws_a_folder(tmp_path, capsys):
+    for script, says in (("data.py", "show"), ("som.py", "--masks"), ("annotate.py", "--base-url"),
+                         ("evaluate.py", "score"), ("demo.py", "--no-som"),
+                         ("train.py", "micro-steps per optimizer step")):  # a field's comment, not only its default
+        out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                             cwd=str(__import__("pathlib").Path(data.__file__).parent))
+        assert out.returncode == 0 and says in " ".join(out.stdout.split()), script
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(2):
         Image.new("RGB", (48, 32), (120, 120, 120)).save(frames / f"{i:05d}.png")
     masks = {"00000.png": {"1": [4, 4, 20, 20]}, "00001.png": {"1": [8, 4, 24, 20], "2": [30, 10, 44, 28]}}
     (tmp_path / "masks.json").write_text(json.dumps(masks))
-    data.main(["som", str(frames), "--masks", str(tmp_path / "masks.json"), "--out", str(tmp_path / "out")])
+    som.main([str(frames), "--masks", str(tmp_path / "masks.json"), "--out", str(tmp_path / "out")])
     for name in masks:
         drawn = np.array(Image.open(tmp_path / "out" / name))
-        assert tuple(drawn[12, 4 if name == "00000.png" else 8]) == data.id_colour(1)  # left contour
+        assert tuple(drawn[12, 4 if name == "00000.png" else 8]) == som.id_colour(1)  # left contour
     records = [{"id": "7", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
     (tmp_path / "l.json").write_text(json.dumps(records))
     data.main(["show", str(tmp_path / "l.json")])

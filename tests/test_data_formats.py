@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 import data
-from data import PROMPTS
+import som
+from data import INSTRUCTIONS
 
 U, A = "user", "assistant"
 
@@ -63,14 +64,14 @@ def test_instit_video_record_gives_the_four_conversation_kinds(instit):
                                "video 17 qa", "video 17 video"]
     frame = samples["video 17 frame <1>"]  # kind 1: instance captions, then the image caption
     assert frame["visuals"] == [{"frames": [f0], "pooled": False}]  # a single image is not pooled
-    assert frame["messages"] == chat((U, "<image>\n" + PROMPTS["instance"]), (A, "[1]: A man in a coat.\n[2]: A brown dog."),
-                                     (U, PROMPTS["image"]), (A, "[1] walks [2]."))
+    assert frame["messages"] == chat((U, "<image>\n" + INSTRUCTIONS["instance"]), (A, "[1]: A man in a coat.\n[2]: A brown dog."),
+                                     (U, INSTRUCTIONS["image"]), (A, "[1] walks [2]."))
     assert samples["video 17 frame <2>"]["messages"][3]["content"] == "[1] walks behind [2]."  # [02] -> [2]
     change = samples["video 17 change <1>-<2>"]  # kind 2: two consecutive frames, pooled
     assert change["visuals"] == [{"frames": [f0, f5], "pooled": True}]
-    assert change["messages"] == chat((U, "<image>\n" + PROMPTS["temporal"]), (A, "[2] moves ahead of [1]."))
+    assert change["messages"] == chat((U, "<image>\n" + INSTRUCTIONS["temporal"]), (A, "[2] moves ahead of [1]."))
     video = samples["video 17 video"]  # kind 3
-    assert video["messages"] == chat((U, "<image>\n" + PROMPTS["video"].format(n=2)),
+    assert video["messages"] == chat((U, "<image>\n" + INSTRUCTIONS["video"].format(n=2)),
                                      (A, "At <1> [1] walks [2]; at <2> [2] pulls ahead."))
     qa = samples["video 17 qa"]  # kind 4: multi-turn, one placeholder
     assert qa["visuals"][0]["frames"] == [f0, f5]
@@ -96,7 +97,7 @@ def test_instit_masked_release_draws_marks_and_checks_ids(instit, caplog):
         samples = [s for r in records for s in data.instit_conversations(r, draw_marks=True)]
     assert [s["id"] for s in samples] == ["image 9 frame <1>"]
     assert "masked.json: record image 10: frame <1> conversation names [5], not marked on its frames" in caplog.text
-    assert samples[0]["visuals"][0]["marks"] == [boxes]
+    assert samples[0]["visuals"][0]["masks"] == [boxes]
     cfg = data.ModelConfig(image_size=32, patch_size=8)
     raw = np.array(data.open_image(samples[0]["visuals"][0]["frames"][0]))
     marked = np.array(data.load_visual(samples[0]["visuals"][0], cfg)[0])
@@ -312,7 +313,7 @@ def test_instit_masked_video_marks_every_frame_with_the_same_colour(instit, capl
     assert "record #1 (video_id 18): segmentations.00005.jpg: no masks for this annotated frame" in caplog.text
     samples = {s["id"]: s for s in data.instit_conversations(records[0], draw_marks=True)}
     video = samples["video 17 video"]["visuals"][0]
-    assert [sorted(m) for m in video["marks"]] == [["1", "2"], ["1", "2"]]  # "02" -> "2"
+    assert [sorted(m) for m in video["masks"]] == [["1", "2"], ["1", "2"]]  # "02" -> "2"
     frames = [np.array(f) for f in data.load_visual(video, data.ModelConfig(image_size=32, patch_size=8))]
     for frame in frames:  # contour and label box of each ID in its own colour, on every frame
-        assert all((frame == data.id_colour(i)).all(-1).sum() >= 6 for i in (1, 2))
+        assert all((frame == som.id_colour(i)).all(-1).sum() >= 6 for i in (1, 2))

@@ -1,4 +1,4 @@
-"""The demo's synthetic world, its oracle annotator and a short `train.py --demo` run end to end."""
+"""demo.py: the synthetic world, its oracle annotator and a short run end to end."""
 import json
 import random
 from pathlib import Path
@@ -9,7 +9,8 @@ import torch
 import annotate
 import data
 import evaluate
-import train
+import som
+import demo
 
 
 def test_rle_round_trip():
@@ -17,12 +18,12 @@ def test_rle_round_trip():
     for shape in [(7, 5), (1, 1), (30, 40)]:
         mask = rng.random(shape) < 0.3
         mask[0, 0] = True  # a mask starting with 1s needs a leading 0-count
-        assert (data.decode_rle(data.encode_rle(mask)) == mask).all()
+        assert (som.decode_rle(demo.encode_rle(mask)) == mask).all()
 
 
 def test_world_is_reproducible_and_masks_match_the_frames(tmp_path):
-    a = data.synthetic_world(str(tmp_path / "a"), 6, seed=3, video_fraction=0.5, num_frames=8, size=64)
-    b = data.synthetic_world(str(tmp_path / "b"), 6, seed=3, video_fraction=0.5, num_frames=8, size=64)
+    a = demo.synthetic_world(str(tmp_path / "a"), 6, seed=3, video_fraction=0.5, num_frames=8, size=64)
+    b = demo.synthetic_world(str(tmp_path / "b"), 6, seed=3, video_fraction=0.5, num_frames=8, size=64)
     assert json.dumps(a) == json.dumps(b)
     for ra in a:
         for name in ra["frames"]:
@@ -31,8 +32,8 @@ def test_world_is_reproducible_and_masks_match_the_frames(tmp_path):
     rec = next(r for r in a if len(r["frames"]) == 8)
     frame = np.array(data.open_image(str(tmp_path / "a" / rec["video_path"] / "00000.png")))
     for i, entry in rec["segmentations"]["00000.png"].items():
-        mask = data.decode_rle(entry["mask"])
-        colour = data.COLOURS[rec["truth"]["instances"][i]["colour"]]
+        mask = som.decode_rle(entry["mask"])
+        colour = demo.COLOURS[rec["truth"]["instances"][i]["colour"]]
         assert (frame[mask] == colour).all()  # the visible mask is exactly the shape's own pixels
 
 
@@ -42,7 +43,7 @@ def test_bench_distractors_come_from_the_scene_first():
                                        "3": {"colour": "green", "shape": "diamond", "size": "tiny", "motion": "still"}},
              "centres": {"00000.png": {"1": [20, 20], "2": [70, 20], "3": [20, 70]}}}
     for seed in range(20):
-        for q in data.synthetic_questions(truth, random.Random(seed), ["colour", "shape", "motion", "relation"]):
+        for q in demo.synthetic_questions(truth, random.Random(seed), ["colour", "shape", "motion", "relation"]):
             assert len(set(q["options"])) == 4 and q["value"] in q["options"]
             if q["kind"] == "colour":
                 asked = q["question"][q["question"].index("[") + 1]
@@ -51,12 +52,12 @@ def test_bench_distractors_come_from_the_scene_first():
 
 
 def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
-    records = data.synthetic_world(str(tmp_path), 8, seed=1, num_frames=8, size=96)
-    out = [annotate.oracle_record(r, tmp_path, tmp_path / "som") for r in records]
+    records = demo.synthetic_world(str(tmp_path), 8, seed=1, num_frames=8, size=96)
+    out = [demo.oracle_record(r, tmp_path, tmp_path / "som") for r in records]
     for rec in out:
         annotate.check_record(rec)  # every [ID] is drawn on its frame, every <t> exists
         assert rec["question_answer_pairs"]
-    annotate.write_json_atomic(tmp_path / "oracle.json", out)
+    data.write_json(tmp_path / "oracle.json", out)
     loaded = data.load_instit_dataset(str(tmp_path / "oracle.json"))
     conversations = [c for r in loaded for c in data.instit_conversations(r)]
     kinds = {c["id"].split(" ", 2)[2].split(" ")[0] for c in conversations}
@@ -71,7 +72,7 @@ def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
 
 
 def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
-    result = train.main(["--demo", "--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2",
+    result = demo.main(["--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2",
                          "--eval-every", "3", "--vision-pretrain-steps", "3"])
     assert result["step"] == 6
     results = json.loads((tmp_path / "results.json").read_text())
@@ -95,7 +96,7 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
     stages = [json.loads((tmp_path / f / "config.json").read_text())["model"] for f in ("reading", ".")]
     assert all(m["vision_model"] == str(tmp_path / "vision") for m in stages)  # and both stages start from it
     reading = json.loads((tmp_path / "reading" / "config.json").read_text())["train"]  # the first stage, then the mixture from it
-    assert reading["max_steps"] == round(train.DEMO_READING_SHARE * 6)
+    assert reading["max_steps"] == round(demo.DEMO_READING_SHARE * 6)
     assert reading["data"] == [str(tmp_path / "world" / "reading.json")]
     mixture = json.loads((tmp_path / "config.json").read_text())["train"]
     assert mixture["init_from"] == str(tmp_path / "reading" / "final")
@@ -106,7 +107,7 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
 
 
 def test_no_som_demo_shows_raw_frames(tmp_path):
-    train.main(["--demo", "--no-som", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "2",
+    demo.main(["--no-som", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "2",
                 "--vision-pretrain-steps", "1"])
     bench = json.loads((tmp_path / "world" / "bench" / "video_multi_choice.json").read_text())
     assert bench and all("/media/" in "/" + q["video_path"] for q in bench)
@@ -120,28 +121,28 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
 
 
 def test_token_targets_name_the_instance_covering_most_of_each_patch():
-    p = train.DEMO_PATCH
-    big, small = np.zeros((train.DEMO_IMAGE_SIZE,) * 2, bool), np.zeros((train.DEMO_IMAGE_SIZE,) * 2, bool)
+    p = demo.DEMO_PATCH
+    big, small = np.zeros((demo.DEMO_IMAGE_SIZE,) * 2, bool), np.zeros((demo.DEMO_IMAGE_SIZE,) * 2, bool)
     big[:p, :p + 4] = True            # all of patch 0, a quarter of patch 1 (below the 30% floor)
     small[:p // 2, :p // 2 + 1] = True  # 28% of patch 0, under the big one
     small[:p, p:2 * p] = True          # but all of patch 1
     instances = {"1": {"colour": "red", "shape": "square", "size": "large"},
                  "2": {"colour": "blue", "shape": "circle", "size": "tiny"}}
-    masks = {i: {"mask": data.encode_rle(m)} for i, m in (("1", big), ("2", small))}
-    target = train.demo_token_targets(masks, instances)
-    index = lambda i: [list(v).index(instances[i][k]) for k, v in data.ATTRIBUTES.items()]  # noqa: E731
+    masks = {i: {"mask": demo.encode_rle(m)} for i, m in (("1", big), ("2", small))}
+    target = demo.token_targets(masks, instances)
+    index = lambda i: [list(v).index(instances[i][k]) for k, v in demo.ATTRIBUTES.items()]  # noqa: E731
     assert target[0].tolist() == index("1") and target[1].tolist() == index("2")
     assert (target[2:] == -100).all()  # no instance there
 
 
 def test_demo_resume_skips_a_finished_reading_stage(tmp_path):
-    args = ["--demo", "--out", str(tmp_path), "--scenes", "12", "--max-steps", "4", "--save-every", "2",
+    args = ["--out", str(tmp_path), "--scenes", "12", "--max-steps", "4", "--save-every", "2",
             "--log-every", "1", "--vision-pretrain-steps", "1"]
-    train.main(args)
+    demo.main(args)
     reading_log = (tmp_path / "reading" / "metrics.jsonl").read_text()
     vit = (tmp_path / "vision" / "model.safetensors").stat().st_mtime_ns
     (tmp_path / "results.json").unlink()
-    result = train.main(args + ["--resume"])  # the mixture resumes from its checkpoint-4: nothing left to train
+    result = demo.main(args + ["--resume"])  # the mixture resumes from its checkpoint-4: nothing left to train
     assert result["step"] == 4 and (tmp_path / "results.json").is_file()
     assert (tmp_path / "reading" / "metrics.jsonl").read_text() == reading_log  # the reading stage did not run again
     assert (tmp_path / "vision" / "model.safetensors").stat().st_mtime_ns == vit  # nor the ViT's pretraining
@@ -149,8 +150,8 @@ def test_demo_resume_skips_a_finished_reading_stage(tmp_path):
 
 
 def test_reading_data_marks_one_instance_and_asks_its_number_first(tmp_path):
-    records = data.synthetic_world(str(tmp_path), 6, seed=4, num_frames=8, size=96, prefix="train")
-    rows = train.demo_reading_data(records, tmp_path, som=True)
+    records = demo.synthetic_world(str(tmp_path), 6, seed=4, num_frames=8, size=96, prefix="train")
+    rows = demo.reading_data(records, tmp_path, som=True)
     visible = sum(len(r["segmentations"][r["frames"][0]]) for r in records)
     assert len(rows) == visible  # one chat per instance on the first frame
     by_scene = {r["video_id"]: r for r in records}
@@ -167,22 +168,22 @@ def test_reading_data_marks_one_instance_and_asks_its_number_first(tmp_path):
         shown = tmp_path / (f"{row['video']}/{name}" if video else row["image"])
         raw = np.array(data.open_image(str(tmp_path / rec["video_path"] / name)))
         changed = (np.array(data.open_image(str(shown))) != raw).any(-1)
-        ys, xs = np.nonzero(data.decode_rle(rec["segmentations"][name][i]["mask"]))
+        ys, xs = np.nonzero(som.decode_rle(rec["segmentations"][name][i]["mask"]))
         box = np.zeros_like(changed)
         box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
         assert changed.any() and not (changed & ~box).any()  # the mark of [i] alone, drawn inside its box
 
 
 def test_general_data_asks_about_training_scenes_and_names_the_right_option(tmp_path):
-    records = data.synthetic_world(str(tmp_path), 10, seed=2, num_frames=8, size=96, prefix="train")
-    rows = train.demo_general_data(records, "media", seed=0)
+    records = demo.synthetic_world(str(tmp_path), 10, seed=2, num_frames=8, size=96, prefix="train")
+    rows = demo.general_data(records, "media", seed=0)
     truth = {r["video_id"]: r["truth"]["instances"] for r in records}
     checked = 0
     for row in rows:  # one multi-turn chat per scene, the frames announced once
         scene, turns = row["id"], row["conversations"]
         assert scene.startswith("train")  # never a bench scene
         assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
-        assert len(turns) > 2 * len(data.SYNTHETIC_KINDS["image"])  # several draws of each kind
+        assert len(turns) > 2 * len(demo.SYNTHETIC_KINDS["image"])  # several draws of each kind
         for human, gpt in zip(turns[::2], turns[1::2]):
             question, answer = human["value"], gpt["value"]
             if question.removeprefix("<image>\n").startswith("What colour") and "\nA. " in question:
@@ -211,7 +212,7 @@ def test_binding_tells_seeing_the_scene_from_reading_the_mark():
                         "options": None, "model_prediction": "[2] is a circle."})  # one shape in the scene
     predictions.append({"question_id": "bench00000-position", "question": "Where is [2] at <1>?",
                         "split": "image_oe", "options": None, "model_prediction": "top left"})  # not an attribute
-    binding = train.demo_binding(predictions, records)
+    binding = demo.binding(predictions, records)
     assert binding["image_mc"] == {"right": 25.0, "in_scene": 50.0, "id_blind": 50.0, "total": 4}
     assert binding["image_oe"] == {"right": 50.0, "in_scene": 75.0, "id_blind": 62.5, "total": 4}
 

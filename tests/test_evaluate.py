@@ -65,53 +65,16 @@ def test_sensitivity_on_hand_computed_values():
 # ---------------------------------------------------------------------------------------------------
 # The judge against a real chat-completions server on 127.0.0.1.
 
-import http.server  # noqa: E402
 import json  # noqa: E402
-import threading  # noqa: E402
 
 import evaluate  # noqa: E402
+from som import named_ids  # noqa: E402
 
 
-class JudgeServer(http.server.ThreadingHTTPServer):
-    """Scores 1.0 when the model answer names the reference's [IDs], else 0.0; `script` makes the next
-    requests answer 429 or a non-JSON message first."""
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), JudgeHandler)
-        self.script, self.requests = [], 0
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_port}/v1"
-
-
-class JudgeHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests += 1
-        action = self.server.script.pop(0) if self.server.script else "ok"
-        if action == "429":
-            return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
-        user = body["messages"][1]["content"]
-        ref, answer = user.split("Reference answer: ")[1].split("\nModel answer: ")
-        content = "not json at all" if action == "garbage" else json.dumps(
-            {"score": 1.0 if evaluate._ids(ref) == evaluate._ids(answer) else 0.0})
-        self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": content}}],
-                         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}})
-
-    def reply(self, code, obj, headers=None):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+def judge(body):
+    """Scores 1.0 when the model answer names the reference's [IDs], else 0.0."""
+    ref, answer = body["messages"][1]["content"].split("Reference answer: ")[1].split("\nModel answer: ")
+    return {"score": 1.0 if named_ids(ref) == named_ids(answer) else 0.0}
 
 
 OE = [{"question_id": "1", "question": "What is [1] holding?", "model_prediction": "[1] holds an umbrella.",
@@ -120,10 +83,10 @@ OE = [{"question_id": "1", "question": "What is [1] holding?", "model_prediction
        "ground_truth": "[2] stands at the door.", "split": "image_oe"}]
 
 
-def test_judge_scores_retries_and_caches(tmp_path, monkeypatch):
+def test_judge_scores_retries_and_caches(tmp_path, monkeypatch, llm_server):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-judge-test")
-    server = JudgeServer()
-    server.script = ["429", "garbage"]  # a rate limit, then an answer that is not JSON: both retried
+    server, server.answer = llm_server, judge
+    server.script = ["429", "not_json"]  # a rate limit, then an answer that is not JSON: both retried
     out = tmp_path / "s.json"
     preds = tmp_path / "p.jsonl"
     preds.write_text("\n".join(json.dumps(p) for p in OE))
@@ -131,8 +94,8 @@ def test_judge_scores_retries_and_caches(tmp_path, monkeypatch):
            "--judge-model", "judge"]
     result = evaluate.main(cli)  # the CLI path: score --mode oe with a judge
     assert result["score"] == 50.0 and result["failed"] == 0 and result["total"] == 2
-    sent = server.requests
-    assert evaluate.main(cli)["score"] == 50.0 and server.requests == sent  # re-run: all from the cache
+    sent = len(server.log)
+    assert evaluate.main(cli)["score"] == 50.0 and len(server.log) == sent  # re-run: all from the cache
     assert "sk-judge-test" not in "".join(p.read_text() for p in tmp_path.iterdir())
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+import som
+from som import MarkStyle
 
 
 def encode_rle(mask):
@@ -37,16 +38,16 @@ def test_decode_uncompressed_counts_are_column_major():
     expected = np.array([[0, 0, 0, 1],
                          [1, 0, 1, 0],
                          [1, 0, 1, 0]], bool)
-    assert np.array_equal(data.decode_rle(rle), expected)
+    assert np.array_equal(som.decode_rle(rle), expected)
 
 
 def test_decode_compressed_hand_written_strings():
     # "04": counts [0, 4] (starts with 1s). "5X13RO": counts [5, 40, 3, 10]: 40 needs two 5-bit groups
     # ("X" = 8 + continuation, "1" = 1 -> 8 + 32), and 10 is stored as 10 - 40 = -30 ("R", "O": sign-extended).
-    assert data.decode_rle({"size": [2, 2], "counts": "04"}).all()
+    assert som.decode_rle({"size": [2, 2], "counts": "04"}).all()
     expected = from_counts(2, 29, [5, 40, 3, 10])
-    assert np.array_equal(data.decode_rle({"size": [2, 29], "counts": "5X13RO"}), expected)
-    assert np.array_equal(data.decode_rle({"size": [2, 29], "counts": b"5X13RO"}), expected)
+    assert np.array_equal(som.decode_rle({"size": [2, 29], "counts": "5X13RO"}), expected)
+    assert np.array_equal(som.decode_rle({"size": [2, 29], "counts": b"5X13RO"}), expected)
     assert encode_rle(expected)["counts"] == "5X13RO"  # the test's encoder agrees with the hand derivation
 
 
@@ -56,16 +57,16 @@ def test_decode_equals_reference_encoding_on_random_masks():
         for density in (0.05, 0.5, 0.95):
             mask = rng.random((h, w)) < density
             mask[h // 3:, w // 4:w // 2] = True  # long runs too, so counts exceed one 5-bit group
-            assert np.array_equal(data.decode_rle(encode_rle(mask)), mask)
+            assert np.array_equal(som.decode_rle(encode_rle(mask)), mask)
 
 
 def test_corrupt_rle_and_size_mismatch_are_errors():
     with pytest.raises(ValueError, match="sum to 5.*2x4"):
-        data.decode_rle({"size": [2, 4], "counts": [2, 3]})
+        som.decode_rle({"size": [2, 4], "counts": [2, 3]})
     image = Image.new("RGB", (20, 10))
     rle = encode_rle(np.ones((12, 20), bool))  # an RLE of another image size
     with pytest.raises(ValueError, match=r"instance 3: mask is 12x20 .* image is 10x20"):
-        data.render_som(image, {3: rle})
+        som.render_som(image, {3: rle})
 
 
 def disc(h, w, cy, cx, r):
@@ -80,7 +81,7 @@ def test_label_inside_c_shape_where_the_centroid_is_not():
     m[58:70, 10:70] = True
     cy, cx = np.argwhere(m).mean(0).round().astype(int)
     assert not m[cy, cx]  # the centroid falls in the gap
-    x, y = data.label_position(m)
+    x, y = som.label_position(m)
     assert m[y, x]
     assert 10 <= x < 22  # on the spine (where the arms join it, the thickest part), not in the gap
 
@@ -88,45 +89,45 @@ def test_label_inside_c_shape_where_the_centroid_is_not():
 def test_label_inside_ring_and_thin_bar():
     d = disc(100, 100, 50, 50, 0)
     ring = (d < 40) & (d > 30)
-    x, y = data.label_position(ring)
+    x, y = som.label_position(ring)
     assert ring[y, x] and 32 <= d[y, x] <= 38  # in the middle of the ring's width
     bar = np.zeros((50, 200), bool)
     bar[20:22, 10:190] = True  # 2 px thin
-    x, y = data.label_position(bar)
+    x, y = som.label_position(bar)
     assert bar[y, x] and abs(x - 100) <= 2  # the middle of the plateau, not its first point
 
 
 def test_label_on_largest_component_and_away_from_the_image_edge():
     m = (disc(100, 100, 30, 30, 0) < 20) | (disc(100, 100, 80, 80, 0) < 8)
-    x, y = data.label_position(m)
+    x, y = som.label_position(m)
     assert abs(x - 30) <= 1 and abs(y - 30) <= 1
     edge = np.zeros((100, 100), bool)
     edge[:, :40] = True  # touches the left, top and bottom edges: the image edge counts as border
-    x, y = data.label_position(edge)
+    x, y = som.label_position(edge)
     assert abs(x - 19.5) <= 1 and abs(y - 49.5) <= 1
     with pytest.raises(ValueError, match="empty mask"):
-        data.label_position(np.zeros((5, 5), bool))
+        som.label_position(np.zeros((5, 5), bool))
 
 
 def test_grid_puts_the_label_on_the_nearest_patch_centre_inside_the_mask():
     """grid=16: the label lies whole in one 16 px patch token (the demo's tiny ViT), not across four."""
     m = np.zeros((96, 96), bool)
     m[30:70, 20:60] = True  # the distance peak (39.5, 49.5) is on a patch border
-    x, y = data.label_position(m, grid=16)
+    x, y = som.label_position(m, grid=16)
     assert (x % 16, y % 16) == (8, 8) and m[y, x] and abs(x - 39.5) <= 16 and abs(y - 49.5) <= 16
     sliver = np.zeros((96, 96), bool)
     sliver[20:24, 10:60] = True  # no patch centre (rows 8, 24, ...) inside: the peak stays
-    assert data.label_position(sliver, grid=16) == data.label_position(sliver)
+    assert som.label_position(sliver, grid=16) == som.label_position(sliver)
 
 
 def test_one_mark_colour_for_all_ids():
     image = Image.new("RGB", (96, 96), (128, 128, 128))
     boxes = {1: [4, 4, 40, 40], 2: [50, 50, 90, 90]}
-    out = np.array(data.render_som(image, boxes, fill=0.0, mark_colour=(255, 255, 255), grid=16))
+    out = np.array(som.render_som(image, boxes, MarkStyle(fill=0.0, colour=(255, 255, 255), grid=16)))
     drawn = out[(out != 128).any(-1)]
     assert (drawn.max(1) == drawn.min(1)).all()  # white contours and boxes, black (antialiased) digits: no hue
     for i in boxes:
-        x, y = data.label_position(data.instance_mask(boxes[i], (96, 96)), grid=16)
+        x, y = som.label_position(som.instance_mask(boxes[i], (96, 96)), grid=16)
         assert (out[y - 2:y + 3, x - 2:x + 3] < 80).all(-1).any()  # the digit's dark ink at the patch centre
 
 
@@ -135,71 +136,71 @@ def test_label_position_is_cheap_and_right_on_large_frames():
     m[200:2000, 300:3500] = True
     m[600:1600, 300:3100] = False  # a 4K C-shape
     start = time.perf_counter()
-    x, y = data.label_position(m)
+    x, y = som.label_position(m)
     assert time.perf_counter() - start < 1.0
     assert m[y, x] and x > 3100
     narrow = np.zeros((2160, 3840), bool)  # a C whose gap (10 px) is narrower than the downsampling block
     narrow[100:2100, 100:3700] = True
     narrow[1095:1105, 1000:3700] = False
-    x, y = data.label_position(narrow)
+    x, y = som.label_position(narrow)
     assert narrow[y, x] and min(abs(y - 1100), y - 100, 2100 - y) > 300  # deep inside, not at the gap
 
 
 def test_render_marks_colour_contour_and_label():
     image = Image.new("RGB", (64, 64), (128, 128, 128))
     box = [8, 8, 40, 40]
-    out = np.array(data.render_som(image, {1: box}, fill=0.0, line_width=2, font_size=10))
-    colour = data.id_colour(1)
+    out = np.array(som.render_som(image, {1: box}, MarkStyle(fill=0.0, line_width=2, font_size=10)))
+    colour = som.id_colour(1)
     assert tuple(out[20, 8]) == colour and tuple(out[20, 9]) == colour  # 2 px contour inside the box edge
     assert tuple(out[60, 60]) == (128, 128, 128)  # outside: untouched
-    x, y = data.label_position(data.instance_mask(box, (64, 64)))
+    x, y = som.label_position(som.instance_mask(box, (64, 64)))
     patch = out[y - 4:y + 5, x - 4:x + 5].reshape(-1, 3)
     ink = (0, 0, 0) if sum(c * k for c, k in zip(colour, (0.299, 0.587, 0.114))) > 140 else (255, 255, 255)
     assert (patch == colour).all(1).sum() > 5 and (patch == ink).all(1).sum() > 3  # a label box with its digit
 
 
 def test_colour_depends_only_on_id_and_marks_stay_across_frames():
-    assert data.id_colour(3) == data.id_colour("3") != data.id_colour(4)
-    assert len({data.id_colour(i) for i in range(1, 11)}) == 10
+    assert som.id_colour(3) == som.id_colour("3") != som.id_colour(4)
+    assert len({som.id_colour(i) for i in range(1, 11)}) == 10
     places = {}
     frame = Image.new("RGB", (80, 60), (200, 200, 200))
     first = np.zeros((60, 80), bool)
     first[10:40, 10:40] = True
     moved = np.roll(first, 5, axis=1)  # still contains the first label place
     away = np.roll(first, 35, axis=1)
-    data.render_som(frame, {7: first}, label_places=places)
+    som.render_som(frame, {7: first}, label_places=places)
     place = places["7"]
-    data.render_som(frame, {7: moved}, label_places=places)
+    som.render_som(frame, {7: moved}, label_places=places)
     assert places["7"] == place
-    data.render_som(frame, {7: away}, label_places=places)
+    som.render_som(frame, {7: away}, label_places=places)
     assert places["7"] != place and away[places["7"][1], places["7"][0]]
     small = Image.new("RGB", (40, 30), (200, 200, 200))  # a smaller frame: the old place lies outside it
-    data.render_som(small, {7: [0, 0, 20, 20]}, label_places=places)
+    som.render_som(small, {7: [0, 0, 20, 20]}, label_places=places)
     assert places["7"][0] < 40 and places["7"][1] < 30
-    zero_padded = np.array(data.render_som(frame, {"07": first}))  # the released data's "07" is [7]
-    assert np.array_equal(zero_padded, np.array(data.render_som(frame, {7: first})))
+    zero_padded = np.array(som.render_som(frame, {"07": first}))  # the released data's "07" is [7]
+    assert np.array_equal(zero_padded, np.array(som.render_som(frame, {7: first})))
 
 
 def test_box_polygon_rle_and_empty_mask():
     image = Image.new("RGB", (50, 40), (90, 90, 90))
     polygon = [[25, 5], [45, 35], [5, 35]]
-    assert data.instance_mask(polygon, (50, 40))[30, 25]
-    assert np.array_equal(data.instance_mask([25, 5, 45, 35, 5, 35], (50, 40)), data.instance_mask(polygon, (50, 40)))
-    assert data.instance_mask({"box": [0, 0, 10, 10]}, (50, 40)).sum() == 100
-    assert np.array_equal(data.instance_mask({"bbox": [5, 5, 10, 20]}, (50, 40)),  # COCO: x, y, w, h
-                          data.instance_mask({"box": [5, 5, 15, 25]}, (50, 40)))
-    rle = encode_rle(data.instance_mask([30, 2, 48, 12], (50, 40)))
+    assert som.instance_mask(polygon, (50, 40))[30, 25]
+    assert np.array_equal(som.instance_mask([25, 5, 45, 35, 5, 35], (50, 40)), som.instance_mask(polygon, (50, 40)))
+    assert som.instance_mask({"box": [0, 0, 10, 10]}, (50, 40)).sum() == 100
+    assert np.array_equal(som.instance_mask({"bbox": [5, 5, 10, 20]}, (50, 40)),  # COCO: x, y, w, h
+                          som.instance_mask({"box": [5, 5, 15, 25]}, (50, 40)))
+    rle = encode_rle(som.instance_mask([30, 2, 48, 12], (50, 40)))
     instances = {1: [2, 2, 12, 12], 2: polygon, 3: {"mask": rle}}
-    reference = data.render_som(image, instances)
+    reference = som.render_som(image, instances)
     with pytest.warns(UserWarning, match="instance 9: empty mask"):
-        out = data.render_som(image, {**instances, 9: np.zeros((40, 50), bool)})
+        out = som.render_som(image, {**instances, 9: np.zeros((40, 50), bool)})
     assert np.array_equal(np.array(out), np.array(reference))  # the empty one drew nothing
 
 
 def test_marks_scale_with_the_image():
     def ink_pixels(size):
         image = Image.new("RGB", (size, size), (128, 128, 128))
-        out = np.array(data.render_som(image, {1: [0, 0, size // 2, size // 2]}, fill=0.0))
+        out = np.array(som.render_som(image, {1: [0, 0, size // 2, size // 2]}, MarkStyle(fill=0.0)))
         return ((out != 128).any(-1)).sum()
 
     small, large = ink_pixels(224), ink_pixels(1792)
