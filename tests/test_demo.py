@@ -228,3 +228,24 @@ def test_demo_curves_names_a_results_file_without_a_curve(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2 and f"{results}: no learning curve" in run.stderr
     assert not (tmp_path / "c.png").exists()
+
+
+def test_two_runs_with_one_seed_agree(tmp_path):
+    """Same seed, same run: the losses of both stages at every step, the bench's answers and the world's files
+    (the check behind moving the demo into demo.py: a refactor must not change a run)."""
+    args = ["--scenes", "12", "--max-steps", "3", "--log-every", "1", "--vision-pretrain-steps", "2", "--seed", "5"]
+    for run in ("a", "b"):
+        demo.main(args + ["--out", str(tmp_path / run)])
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for stage in ("reading/", "") for r in
+                map(json.loads, open(tmp_path / run / f"{stage}metrics.jsonl"))]
+
+    def answers(run):
+        return [(p["question_id"], p["model_prediction"]) for p in
+                map(json.loads, open(tmp_path / run / "bench" / "predictions.jsonl"))]
+
+    assert losses("a") == losses("b") and len(losses("a")) == 6
+    assert answers("a") == answers("b") and answers("a")
+    world = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "world").rglob("*") if p.is_file())
+    assert world and all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in world)
