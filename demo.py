@@ -140,6 +140,14 @@ def synthetic_scene(rng: random.Random, num_frames: int = 1, size: int = 96) -> 
     return {"instances": instances, "frames": frames, "masks": masks, "centres": centres, "size": size}
 
 
+def motion(a: tuple, b: tuple) -> str:
+    """How a centre moved from a to b, in MOTION_WORDS: along the larger offset, still under half a pixel."""
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    if max(abs(dx), abs(dy)) < 0.5:
+        return MOTION_WORDS["still"]
+    return MOTION_WORDS[("left" if dx < 0 else "right") if abs(dx) >= abs(dy) else ("up" if dy < 0 else "down")]
+
+
 def relation(a: tuple, b: tuple) -> str:
     """Where centre a is relative to centre b, along the larger of the two offsets."""
     dx, dy = a[0] - b[0], a[1] - b[1]
@@ -217,8 +225,9 @@ def synthetic_questions(truth: dict, rng: random.Random, kinds) -> list[dict]:
 
 
 def write_synthetic_bench(records: list[dict], frames_root: str, out_dir: str, seed: int) -> dict:
-    """Held-out scenes (their frames in frames_root/<video_id>/: SoM frames, or raw ones for --no-som) -> the four INST-IT Bench splits as flat
-    JSON files in out_dir (image_multi_choice.json, ...): every question both MC (4 options) and OE."""
+    """Held-out scenes (their frames in frames_root/<video_id>/: SoM frames, or raw ones for --no-som) -> the four
+    INST-IT Bench splits as flat JSON files in out_dir (image_multi_choice.json, ...): every question both MC (4
+    options) and OE."""
     rng, splits = random.Random(seed), {name: [] for name in data.BENCH_SPLITS.values()}
     for rec in records:
         video = len(rec["frames"]) > 1
@@ -266,10 +275,7 @@ def oracle_record(rec, media_root, som_dir, seed=0, style=DEMO_MARKS):
                 if i not in previous:
                     moves.append(f"[{i}] appears.")
                     continue
-                (x0, y0), (x1, y1) = previous[i], centres[i]
-                still = max(abs(x1 - x0), abs(y1 - y0)) < 0.5
-                moves.append(f"[{i}] stays still." if still else f"[{i}] moves "
-                             f"{('left' if x1 < x0 else 'right') if abs(x1 - x0) >= abs(y1 - y0) else ('up' if y1 < y0 else 'down')}.")
+                moves.append(f"[{i}] {motion(previous[i], centres[i])}.")
             change = " ".join(moves)
         captions.append({"timestamp": t, "frame_name": name, "instance_level": instance_level,
                          "image_level": image_level or None, "temporal_change": change})
@@ -363,7 +369,8 @@ def build_tiny_model(folder: str, texts: list[str], seed: int) -> dict:
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\[\d+\]|<\d+>|\w+|[^\w\s]"), "isolated")])
     words.train_from_iterator(texts + ["system user assistant"], trainers.WordLevelTrainer(special_tokens=specials))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", additional_special_tokens=specials[4:], chat_template=data.CHATML)
+                                        unk_token="<unk>", additional_special_tokens=specials[4:],
+                                        chat_template=data.CHATML)
     torch.manual_seed(seed)
     vision, lm = os.path.join(folder, "vision"), os.path.join(folder, "lm")
     CLIPVisionModel(CLIPVisionConfig(image_size=DEMO_IMAGE_SIZE, patch_size=DEMO_PATCH, hidden_size=128,
@@ -583,8 +590,9 @@ def pictures(out, records, predictions, questions):
 def main(argv=None):
     """The demo's own flags; every other flag goes to train.py's parser over the DEMO presets."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every train.py flag passes through (python train.py --help): --out, --max-steps, "
-                                       "--eval-every, --seed, --resume, --lr, ... Defaults: DEMO and DEMO_MODEL.")
+                                epilog="Every train.py flag passes through (python train.py --help): --out, "
+                                       "--max-steps, --eval-every, --seed, --resume, --lr, ... Defaults: DEMO and "
+                                       "DEMO_MODEL.")
     p.add_argument("--scenes", type=int, default=1500, help="training scenes (half images, half 8-frame videos)")
     p.add_argument("--som", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the marks; --no-som shows the model the same frames without them")

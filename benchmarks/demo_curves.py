@@ -2,7 +2,7 @@
 
 Reads the results.json files the demo writes (`demo.py --eval-every K` puts a bench score every K
 mixture steps under "curve"), as kept in benchmarks/results/demo_*.json, and draws them beside chance and the
-goal of issue 9 (image MC >= 60, video MC >= 50). A colour per seed; runs with marks solid, `--no-som` runs
+demo's goal (image MC >= 60, video MC >= 50). A colour per seed; runs with marks solid, `--no-som` runs
 dashed; the longest runs drawn with squares.
 
     .venv/bin/python benchmarks/demo_curves.py [results.json ...] [--out benchmarks/results/demo_curves.png]
@@ -18,7 +18,7 @@ from data import read_json  # noqa: E402
 from evaluate import MC_RANDOM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GOAL = {"image_mc": 60, "video_mc": 50}  # issue 9
+GOAL = {"image_mc": 60, "video_mc": 50}  # the demo's goal (README, The demo)
 
 
 def main():

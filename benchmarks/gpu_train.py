@@ -1,4 +1,4 @@
-"""Training on one CUDA GPU at real sizes, random weights (issue 8): peak memory and throughput.
+"""Training on one CUDA GPU at real sizes, random weights: peak memory and throughput.
 
 memory      INST-IT's video recipe in QLoRA for a 24 GB card: a 7B Llama-shaped LM (nf4 + double quant, or
             bf16), LoRA on its linear layers, CLIP ViT-L/14-336 with the last N layers trained, one video of

@@ -1,4 +1,4 @@
-"""Tiny real models built offline (DESIGN.md section 7).
+"""Tiny real models built offline, and a chat-completions server on 127.0.0.1.
 
 Every model here is built from a config with random weights, saved with `save_pretrained` to a temp
 folder and then loaded by path, so tests go through exactly the code a hub ID takes. The tokenizer is a

@@ -1,6 +1,6 @@
-"""annotate.py against a real chat-completions server on 127.0.0.1 (DESIGN.md section 7).
+"""annotate.py against a real chat-completions server on 127.0.0.1 (no API key, no network).
 
-`FakeLLM` is a stdlib HTTP server speaking the chat-completions protocol. It answers every request from
+`FakeLLM` (conftest.py) is a stdlib HTTP server speaking the chat-completions protocol. It answers every request from
 its content (marks and timestamps it reads in the prompt), so a re-run gets identical answers, and
 `script` makes the next requests misbehave: 429, 500, a slow answer (client timeout), a body that is not
 JSON, an answer that is not JSON, an answer naming an ID that was never drawn, or a hang (to kill a run).
@@ -158,7 +158,7 @@ def test_three_stages_end_to_end_and_rerun_sends_nothing(media, server, capsys):
     assert set(image["instance_level_caption"]) == {"1", "2"}  # the empty mask [3] is not drawn
     assert (out.parent / image["image_path"]).is_file() and "temporal_change" not in image
 
-    for record in records:  # what an oracle annotator's records must pass too (issue 9)
+    for record in records:  # what demo.py's oracle records must pass too
         annotate.check_record(record)
     records[1]["frame_level_caption"][1]["image_level"] = "[3] appears."  # [3] is marked on <3> only
     with pytest.raises(ValueError, match=r"video_id=2 frame 00005.jpg: \[3\] named"):

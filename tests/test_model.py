@@ -1,4 +1,4 @@
-"""model.py against transformers' LLaVA, and the promises of DESIGN.md section 6 (Model)."""
+"""model.py against transformers' LLaVA, and the promises of the README's model.py section."""
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
