@@ -13,16 +13,15 @@ The client, shared with evaluate.py's judge:
     client = LLMClient(base_url, model, cache_path, json_mode=False, max_retries=5, timeout=120.0)
     answer = client.complete_json(messages, schema, validate=fn)  # a dict, or raises LLMError
     client.requests, .cached, .failed, .prompt_tokens, .completion_tokens, .cost, .progress()
-- any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp) through the `openai` SDK; the key comes from
-  OPENAI_API_KEY and is never printed or written; the SDK retries 429, 5xx and timeouts with backoff;
-- a strict JSON-schema answer, or with `json_mode=True` a JSON object (schema in the prompt) for servers
-  without schemas; either way the answer is checked against the schema here;
-- `validate(answer)` raises ValueError(reason) for a wrong answer; the request is repeated with the reason
-  appended (`answer_retries` times), then the failure is recorded and LLMError raised;
-- each request is cached under sha256(prompt version, model, messages with images hashed, parameters) in an
-  append-only JSONL: a re-run sends no request whose answer was used, and sends the failed ones again;
-- `batch_file=`: uncached requests are written as OpenAI Batch API lines (custom_id = cache key) instead of
-  being sent; `import_batch_results(path)` reads the Batch API's output file into the cache.
+- any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp) through the `openai` SDK, which retries 429,
+  5xx and timeouts with backoff; the key comes from OPENAI_API_KEY and is never printed or written;
+- a strict JSON-schema answer, or with `json_mode=True` a JSON object (schema in the prompt), checked here;
+- `validate(answer)` raises ValueError(reason) for a wrong answer: the request is repeated with the reason
+  (`answer_retries` times), then the failure is recorded and LLMError raised;
+- each request is cached in an append-only JSONL under sha256(prompt version, request with images hashed): a
+  re-run sends no request whose answer was used, and sends the failed ones again;
+- `batch_file=`: uncached requests go to an OpenAI Batch API file (custom_id = cache key) instead of the
+  server; `import_batch_results(path)` reads the Batch API's output file into the cache.
 
 CLI. Beside OUT.json: OUT.cache.jsonl (the cache) and OUT_som/ (the SoM frames its records point to), so
 `data.load_instit_dataset("OUT.json")` reads it.
@@ -80,10 +79,9 @@ PROMPTS = {  # INST-IT App. A.2 (P^f, P^vid, P^qa); MIMIC-IT 3.2 (Syphus, transl
                  "written; return the same number of pairs in the same order.",
     "syphus": {  # the shape of a --prompts task file
         "system_message": "You are an AI visual assistant that sees an image or a video through its annotations. "
-                          + _RULES + " Design a conversation between a person asking about the marked instances "
-                          "and you answering as if you saw them: appearance, position, actions, relations and "
-                          "(for videos) changes over time at <t>. Ask only what the annotations answer. Give 3 "
-                          "to 6 pairs.",
+                          + _RULES + " Design a conversation between a person asking about the marked instances and "
+                          "you answering as if you saw them: appearance, position, actions, relations and (for videos) "
+                          "changes over time at <t>. Ask only what the annotations answer. Give 3 to 6 pairs.",
         "in_context": [{"context": "<1>\n[1]: A red ball.\n[2]: A small brown dog.\nFrame: [2] runs after [1] on "
                                    "a lawn.\n<2>\n[2]: A small brown dog.\nFrame: [2] holds [1] in its mouth.\n"
                                    "Change since the previous frame: [2] caught [1].",
@@ -102,17 +100,15 @@ _PAIRS = schema_object(pairs={"type": "array", "items": schema_object(instructio
 
 
 def check_schema(value, schema, where="answer"):
-    """Raise ValueError where `value` does not fit `schema` (the JSON-schema subset used here)."""
+    """Raise ValueError where `value` does not fit `schema` (the strict JSON-schema subset of schema_object)."""
     kind = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float)}[schema["type"]]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"{where} should be {schema['type']}, got {json.dumps(value)[:80]}")
     if isinstance(value, dict):
-        for k in schema.get("required", []):
+        for k, sub in schema["properties"].items():
             if k not in value:
                 raise ValueError(f"{where} lacks {k!r}")
-        for k, sub in schema.get("properties", {}).items():
-            if k in value:
-                check_schema(value[k], sub, f"{where}.{k}")
+            check_schema(value[k], sub, f"{where}.{k}")
     if isinstance(value, list):
         for i, v in enumerate(value):
             check_schema(v, schema["items"], f"{where}[{i}]")
@@ -184,8 +180,7 @@ def annotations_text(frame_annotations):
 
 
 def _from_annotations(client, system, frame_annotations, schema, check, name):
-    """Eq. 2 and 3 share this: frame annotations as text -> the answer, every text in it passing `check`
-    (only [ID]s and <t>s present in the annotations)."""
+    """Eq. 2 and 3: frame annotations as text -> the answer, passing `check(answer, their [ID]s, their <t>s)`."""
     text = annotations_text(frame_annotations)
     ids, times = refs(text)[0], {f["timestamp"] for f in frame_annotations}
     messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
@@ -253,14 +248,12 @@ def check_record(rec):
     captioned = {int(i) for f in frames for k in f["instance_level"] for i in instance_key(k).split(",")}
     drawn = [captioned if segs is None else
              {int(i) for i in (segs if "image_path" in rec else segs.get(f["frame_name"], {}))} for f in frames]
-    prev = set()
-    for f, ids in zip(frames, drawn):
+    for f, ids, prev in zip(frames, drawn, [set()] + drawn):  # prev: the IDs drawn on the frame before
         try:
             check_refs(annotations_text([{**f, "timestamp": None, "temporal_change": None}]), ids)
             check_refs(f.get("temporal_change") or "", ids | prev)
         except ValueError as e:
             raise ValueError(f"{record_name(rec)} frame {f.get('frame_name', rec.get('image_path'))}: {e}") from None
-        prev = ids
     texts = [rec.get("video_level_caption") or ""]
     texts += [" ".join(qa.values()) for qa in rec.get("question_answer_pairs", [])]
     try:
@@ -426,8 +419,7 @@ def _read_jsonl(path):
     """The entries of a JSONL file; a last line cut short by a killed run is skipped (and ended)."""
     if not path or not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = Path(path).read_bytes()
     if raw and not raw.endswith(b"\n"):
         with open(path, "ab") as f:
             f.write(b"\n")
@@ -444,19 +436,18 @@ class LLMClient:
     """One OpenAI-compatible chat client with a request cache, JSON answers and usage counters."""
 
     def __init__(self, base_url, model, cache_path=None, *, json_mode=False, max_retries=5, timeout=120.0,
-                 answer_retries=2, temperature=0.0, max_tokens=4096, image_detail="auto", max_image_side=768,
-                 price_per_mtok=(2.5, 10.0), prompt_version=PROMPT_VERSION, batch_file=None):
+                 answer_retries=2, image_detail="auto", max_image_side=768, price_per_mtok=(2.5, 10.0),
+                 prompt_version=PROMPT_VERSION, batch_file=None):
         self._key = os.environ.get("OPENAI_API_KEY")  # never printed, logged or stored
         self.sdk = openai.OpenAI(base_url=base_url, api_key=self._key or "none",  # local servers take any key
                                  max_retries=max_retries, timeout=timeout)
         self.model, self.json_mode, self.answer_retries = model, json_mode, answer_retries
-        self.temperature, self.max_tokens, self.prompt_version = temperature, max_tokens, prompt_version
         self.image_detail, self.max_image_side, self.price = image_detail, max_image_side, price_per_mtok
-        self.cache_path, self.batch_file, self._batched = cache_path, batch_file, set()
+        self.prompt_version, self.cache_path, self.batch_file = prompt_version, cache_path, batch_file
         if batch_file:  # a fresh file per run: exactly the requests still missing
             open(batch_file, "w").close()
         self.requests = self.cached = self.failed = self.prompt_tokens = self.completion_tokens = 0
-        self._lock = threading.Lock()
+        self._lock, self._batched = threading.Lock(), set()  # _batched: the keys already in batch_file
         self._answers = {}  # cache key -> answer text, for every request that succeeded
         for entry in _read_jsonl(cache_path):
             if entry.get("status") == "ok":
@@ -493,8 +484,8 @@ class LLMClient:
                {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
         keys = []
         for _ in range(self.answer_retries + 1):
-            body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                    "max_tokens": self.max_tokens, "response_format": fmt}
+            body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 4096,
+                    "response_format": fmt}
             keys.append(self.key(body))
             content = self._answer(keys[-1], body)
             try:
@@ -559,33 +550,31 @@ class LLMClient:
 
     def _record(self, keys, status, **fields):
         """Append one cache entry per key: status "ok" with the answer, or "failed" with the reason."""
+        lines = [json.dumps({"key": key, "status": status, "time": time.time(), **fields}) + "\n" for key in keys]
         with self._lock:
             self.failed += status == "failed"
-            lines = []
             for key in keys:
                 if status == "ok":
                     self._answers[key] = fields["content"]
                 else:
                     self._answers.pop(key, None)
-                lines.append(json.dumps({"key": key, "status": status, "time": time.time(), **fields}) + "\n")
             if self.cache_path:
                 with open(self.cache_path, "a", encoding="utf-8") as f:
-                    f.write("".join(lines))
+                    f.writelines(lines)
 
     def import_batch_results(self, path):
         """Read an OpenAI Batch API output JSONL into the cache -> (answers, failures)."""
-        counts = [0, 0]
-        for line in _read_jsonl(path):
+        lines, failures = _read_jsonl(path), 0
+        for line in lines:
             response = line.get("response") or {}
             try:
                 if response.get("status_code") != 200:
                     raise LLMError(json.dumps(line.get("error") or response.get("body"))[:300])
                 self._accept(line["custom_id"], response["body"])
-                counts[0] += 1
             except LLMError as e:
                 self._record([line["custom_id"]], "failed", reason=f"batch: {e}")
-                counts[1] += 1
-        return tuple(counts)
+                failures += 1
+        return len(lines) - failures, failures
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,22 +597,22 @@ def add_client_args(p):
     p.add_argument("--batch-results", help="a Batch API output JSONL to read into the cache first")
 
 
-def client_from_args(args, cache_path, prompt_version=PROMPT_VERSION):
-    client = LLMClient(args.base_url, args.model, str(cache_path), json_mode=args.json_mode,
-                       max_retries=args.max_retries, timeout=args.timeout, answer_retries=args.answer_retries,
-                       image_detail=args.detail, max_image_side=args.max_image_side, price_per_mtok=tuple(args.price),
-                       prompt_version=prompt_version, batch_file=args.batch_file)
+def client_from_args(args, cache_path):
+    """The flags of add_client_args -> an LLMClient caching in cache_path, with --batch-results read in."""
+    client = LLMClient(args.base_url, args.model, cache_path, json_mode=args.json_mode, max_retries=args.max_retries,
+                       timeout=args.timeout, answer_retries=args.answer_retries, image_detail=args.detail,
+                       max_image_side=args.max_image_side, price_per_mtok=tuple(args.price), batch_file=args.batch_file)
     if args.batch_results:
         print("batch results read: %d answers, %d failures" % client.import_batch_results(args.batch_results))
     return client
 
 
-def _report(out, written, failures, client, args):
+def _report(out, written, failures, client):
     """Print what a run did -> exit code: 1 if a record failed (a re-run retries it), else 0."""
     print(f"{out}: {written} records written; {client.progress()}")
     pending = [n for n, e in failures.items() if isinstance(e, BatchPending)]
     if pending:
-        print(f"{len(pending)} records wait for batch answers: submit {args.batch_file} to the Batch API, then "
+        print(f"{len(pending)} records wait for batch answers: submit {client.batch_file} to the Batch API, then "
               "re-run with --batch-results <its output JSONL>")
     failed = [f"FAILED {n}: {e}" for n, e in failures.items() if n not in pending]
     if failed:
@@ -642,46 +631,45 @@ def syphus_main(argv):
     p.add_argument("--languages", default="", help="comma-separated; each writes PAIRS_<language>.json")
     add_client_args(p)
     args = p.parse_args(argv)
-    task = PROMPTS["syphus"]
-    if args.prompts:
-        task = data.read_json(args.prompts)
-        bad = [n for n, ex in enumerate(task.get("in_context", [])) if not {"context", "pairs"} <= set(ex)]
-        if "system_message" not in task or "in_context" not in task or bad:
-            raise ValueError(f"{args.prompts}: needs system_message and in_context: [{{context, pairs}}]"
-                             + (f" (in_context[{bad[0]}] is incomplete)" if bad else ""))
+    task = data.read_json(args.prompts) if args.prompts else PROMPTS["syphus"]
+    bad = [n for n, ex in enumerate(task.get("in_context", [])) if not {"context", "pairs"} <= set(ex)]
+    if "system_message" not in task or "in_context" not in task or bad:
+        raise ValueError(f"{args.prompts}: needs system_message and in_context: [{{context, pairs}}]"
+                         + (f" (in_context[{bad[0]}] is incomplete)" if bad else ""))
     records = data.read_json(args.input)
     out, languages = Path(args.out), [x for x in args.languages.split(",") if x]
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
 
     def syphus_record(rec):
+        """One record -> [its pairs, then the pairs in each language]."""
         frames = record_frames(rec)[0]
         context = annotations_text(frames)
         if rec.get("video_level_caption"):
             context += f"\nVideo: {rec['video_level_caption']}"
         pairs = syphus(client, task, context, refs(context)[0], {f["timestamp"] for f in frames} - {None})
-        return pairs, {language: translate(client, pairs, language) for language in languages}
+        return [pairs] + [translate(client, pairs, language) for language in languages]
 
-    results, failures = run_all(syphus_record, records, [record_name(r) for r in records], args.workers, client, "syphus")
+    results, failures = run_all(syphus_record, records, [record_name(r) for r in records], args.workers,
+                                client, "syphus")
     root = Path(args.media_root or Path(args.input).parent)
-    files = {out: {}, **{out.with_name(f"{out.stem}_{language}.json"): {} for language in languages}}
-    images = {}
+    paths = [out] + [out.with_name(f"{out.stem}_{language}.json") for language in languages]
+    files, images = {path: {} for path in paths}, {}
     for rec, result in zip(records, results):
         if result is None:
             continue
         frames = record_frames(rec)[1]
         for image_id, path in frames:
             images[image_id] = base64.b64encode((root / path).read_bytes()).decode()
-        pairs, translated = result
-        ins_ids = [f"SY_INS_{len(files[out]) + n:06d}" for n in range(len(pairs))]
-        for path, texts in zip(files, [pairs] + [translated[language] for language in languages]):
-            for ins_id, pair in zip(ins_ids, texts):  # in-context examples: the other pairs on the same visuals
+        ins_ids = [f"SY_INS_{len(files[out]) + n:06d}" for n in range(len(result[0]))]
+        for path, pairs in zip(paths, result):
+            for ins_id, pair in zip(ins_ids, pairs):  # in-context examples: the other pairs on the same visuals
                 files[path][ins_id] = {**pair, "image_ids": [i for i, _ in frames],
                                        "rel_ins_ids": [i for i in ins_ids if i != ins_id]}
     meta = {"version": PROMPT_VERSION, "time": time.strftime("%Y-%m"), "author": "annotate.py syphus"}
     for path, entries in files.items():
         data.write_json(path, {"meta": meta, "data": entries})
     data.write_json(out.with_name(f"{out.stem}_images.json"), images)
-    return _report(out, len(records) - len(failures), failures, client, args)
+    return _report(out, len(records) - len(failures), failures, client)
 
 
 def review(out_json=None):
@@ -689,11 +677,10 @@ def review(out_json=None):
     check); all annotation text is HTML-escaped."""
     if out_json is None:
         sys.exit("usage: python annotate.py review OUT.json")
-    records = data.read_json(out_json)
     esc = html.escape
     page = ["<!doctype html><meta charset='utf-8'><title>INST-IT annotations</title>"
             "<style>td{vertical-align:top;padding:6px}img{max-width:420px}</style>"]
-    for rec in records:
+    for rec in data.read_json(out_json):
         page.append(f"<h2>{esc(record_name(rec))}</h2><table>")
         for frame, (_, path) in zip(*record_frames(rec)):
             time_label = "" if frame["timestamp"] is None else esc(f"<{frame['timestamp']}>")
@@ -736,7 +723,7 @@ def main(argv=None):
                                 records, [record_name(r) for r in records], args.workers, client, "annotate")
     done = [r for r in results if r is not None]
     data.write_json(out, done)
-    return _report(out, len(done), failures, client, args)
+    return _report(out, len(done), failures, client)
 
 
 if __name__ == "__main__":

@@ -92,35 +92,27 @@ def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int
         import decord
     except ImportError:
         decord = None
-    if decord is not None:
         try:
+            import av
+        except ImportError:
+            raise ImportError(f"{path}: reading video files needs decord (pip install decord) or PyAV "
+                              "(pip install av); or extract the frames to a folder, which needs neither") from None
+    try:
+        if decord is not None:
             reader = decord.VideoReader(path, num_threads=1)
-            total = len(reader)
+            indices = uniform_indices(len(reader), num_frames)
+            frames = [Image.fromarray(a) for a in reader.get_batch(indices).asnumpy()] if indices else []
+        else:
+            with av.open(path) as container:
+                total = container.streams.video[0].frames or sum(
+                    1 for packet in container.demux(video=0) if packet.size)
             indices = uniform_indices(total, num_frames)
-            arrays = reader.get_batch(indices).asnumpy() if total else []
-        except Exception as e:  # decord raises RuntimeError or its own DECORDError, both with long C++ traces
-            raise ValueError(f"{path}: cannot decode this video ({str(e).strip().splitlines()[0][:200]}); "
-                             "the file is corrupt, truncated or not a video") from e
-        if not total:
-            raise ValueError(f"{path}: the video has 0 frames")
-        return [Image.fromarray(a) for a in arrays], indices
-    try:
-        import av
-    except ImportError:
-        raise ImportError(f"{path}: reading video files needs decord (pip install decord) or PyAV (pip install av); "
-                          "or extract the frames to a folder, which needs neither") from None
-    try:
-        with av.open(path) as container:
-            total = container.streams.video[0].frames or sum(
-                1 for packet in container.demux(video=0) if packet.size)
-        indices = uniform_indices(total, num_frames)
-        wanted, frames = set(indices), []
-        with av.open(path) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i in wanted:
-                    frames.append(frame.to_image().convert("RGB"))
-    except (av.error.FFmpegError, IndexError, OSError) as e:
-        raise ValueError(f"{path}: cannot decode this video ({e}); the file is corrupt, truncated or not a video") from e
+            wanted = set(indices)
+            with av.open(path) as container:
+                frames = [f.to_image().convert("RGB") for i, f in enumerate(container.decode(video=0)) if i in wanted]
+    except Exception as e:  # decord raises RuntimeError or its own DECORDError, both with long C++ traces
+        raise ValueError(f"{path}: cannot decode this video ({str(e).strip().splitlines()[0][:200]}); "
+                         "the file is corrupt, truncated or not a video") from e
     if not frames:
         raise ValueError(f"{path}: the video has 0 frames")
     return frames, indices[:len(frames)]
@@ -183,8 +175,9 @@ def chat_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = F
         if m["role"] == "assistant" and i > 0:
             prompt, full = render(messages[:i], True), render(messages[:i + 1])
             if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise ValueError("the tokenizer's chat template renders earlier turns differently as the chat grows; "
-                                 "assistant-only labels cannot be placed (set tokenizer.chat_template to a simpler one)")
+                raise ValueError("the tokenizer's chat template renders earlier turns differently as the chat "
+                                 "grows; assistant-only labels cannot be placed (set tokenizer.chat_template to "
+                                 "a simpler one)")
             pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
     final = render(messages, add_generation_prompt)
@@ -199,7 +192,8 @@ def tokenize_chat(messages, tokenizer, add_generation_prompt=False) -> tuple[lis
     pieces = chat_pieces(messages, tokenizer, add_generation_prompt)
     text = "".join(p for p, _ in pieces)
     if not tokenizer.is_fast:
-        raise ValueError("assistant-only labels need a fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))")
+        raise ValueError("assistant-only labels need a fast tokenizer "
+                         "(AutoTokenizer.from_pretrained(..., use_fast=True))")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, starts = encoded["input_ids"], [s for s, _ in encoded["offset_mapping"]]
     labels, position, turn = [-100] * len(ids), 0, 0
@@ -222,6 +216,11 @@ def tokenize_chat(messages, tokenizer, add_generation_prompt=False) -> tuple[lis
     return ids, labels
 
 
+def is_pooled(visual: dict, num_frames: int, num_visuals: int) -> bool:
+    """A visual's `pooled` flag, else the rule: 2x2-pooled iff it has several frames or the sample several visuals."""
+    return bool(visual.get("pooled", num_frames > 1 or num_visuals > 1))
+
+
 def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6144,
                   add_generation_prompt: bool = False) -> dict | None:
     """A sample -> {"input_ids": (L,), "labels": (L,), "pixel_values": (F, 3, S, S) | None, "visual_frames":
@@ -238,7 +237,7 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
         frames = [load_visual(v, cfg) for v in visuals]
     except ValueError as e:
         raise ValueError(f"sample {name}: {e}") from e
-    pooled = [bool(v.get("pooled", len(f) > 1 or len(visuals) > 1)) for v, f in zip(visuals, frames)]
+    pooled = [is_pooled(v, len(f), len(visuals)) for v, f in zip(visuals, frames)]
     if any(len(f) > cfg.max_frames for f in frames):
         raise ValueError(f"sample {name}: a visual has {max(map(len, frames))} frames, more than max_frames="
                          f"{cfg.max_frames}; sample fewer (sample_frames)")
@@ -258,28 +257,26 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
             raise ValueError(f"sample {name}: {e}") from e
         length = len(ids) + sum(counts) - len(counts)
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
-        droppable = (not add_generation_prompt and cfg.image_token not in "".join(m["content"] for m in messages[last_user:])
-                     and any(m["role"] == "assistant" for m in messages[:last_user]))
+        droppable = (not add_generation_prompt and any(m["role"] == "assistant" for m in messages[:last_user])
+                     and cfg.image_token not in "".join(m["content"] for m in messages[last_user:]))
         if length <= max_length or not droppable:
             break
         messages = messages[:last_user]  # drop the last question and its answer
     if ids.count(image_id) != len(visuals):
         raise ValueError(f"sample {name}: {len(visuals)} visuals but {ids.count(image_id)} {cfg.image_token} tokens "
                          "after tokenization; add the image token to the tokenizer (model.build_model does)")
-    input_ids, target, k = [], [], 0
+    visual_counts = iter(counts)  # the k-th placeholder becomes the k-th visual's tokens
+    input_ids, target = [], []
     for token, label in zip(ids, labels):
-        if token == image_id:  # the k-th placeholder becomes the k-th visual's tokens
-            input_ids += [image_id] * counts[k]
-            target += [-100] * counts[k]
-            k += 1
-        else:
-            input_ids.append(token)
-            target.append(label)
+        n = next(visual_counts) if token == image_id else 1
+        input_ids += [token] * n
+        target += [-100 if token == image_id else label] * n
     if len(input_ids) > max_length:
         last_visual = max((i for i, t in enumerate(input_ids) if t == image_id), default=-1)
         if add_generation_prompt or last_visual >= max_length or all(t == -100 for t in target[:max_length]):
             log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its text "
-                        "shortened; raise max_length or use fewer frames", name, len(input_ids), sum(counts), max_length)
+                        "shortened; raise max_length or use fewer frames",
+                        name, len(input_ids), sum(counts), max_length)
             return None
         input_ids, target = input_ids[:max_length], target[:max_length]
     if not add_generation_prompt and all(t == -100 for t in target):
@@ -313,20 +310,6 @@ def collate(samples: list, pad_token_id: int, padding_side: str = "right") -> di
             "visual_pooled": [p for s in samples for p in s["visual_pooled"]]}
 
 
-def sample_lengths(samples: list[dict], tokenizer, cfg: ModelConfig) -> list[int]:
-    """Estimated token counts (text tokens + visual tokens; an unread video counts as cfg.max_frames frames)
-    for grouping by length, without reading any media."""
-    texts = ["\n".join(m["content"] for m in s["messages"]) for s in samples]
-    text_lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-    out = []
-    for s, n in zip(samples, text_lengths):
-        visuals = s.get("visuals", [])
-        frames = [v.get("num_frames") or cfg.max_frames if "video" in v else len(v["frames"]) for v in visuals]
-        out.append(n + 4 * len(s["messages"]) + sum(num_visual_tokens(cfg, f, v.get("pooled", f > 1 or len(visuals) > 1)) - 1
-                                                    for f, v in zip(frames, visuals)))
-    return out
-
-
 class InstructionDataset(torch.utils.data.Dataset):
     """Samples -> encode_sample outputs (None for a dropped over-long sample). Media are read, sampled and
     marked in __getitem__, i.e. in the DataLoader's workers."""
@@ -341,7 +324,17 @@ class InstructionDataset(torch.utils.data.Dataset):
         return encode_sample(self.samples[i], self.tokenizer, self.cfg, self.max_length)
 
     def lengths(self) -> list[int]:
-        return sample_lengths(self.samples, self.tokenizer, self.cfg)
+        """Estimated token counts (text tokens + visual tokens; an unread video counts as cfg.max_frames frames)
+        for grouping by length, without reading any media."""
+        texts = ["\n".join(m["content"] for m in s["messages"]) for s in self.samples]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        cfg, out = self.cfg, []
+        for s, ids in zip(self.samples, encoded):
+            visuals = s.get("visuals", [])
+            frames = [v.get("num_frames") or cfg.max_frames if "video" in v else len(v["frames"]) for v in visuals]
+            visual = sum(num_visual_tokens(cfg, f, is_pooled(v, f, len(visuals))) - 1 for f, v in zip(frames, visuals))
+            out.append(len(ids) + 4 * len(s["messages"]) + visual)
+        return out
 
 
 class MixtureSampler(torch.utils.data.Sampler):
@@ -499,11 +492,30 @@ def required(record, key: str, kind=str, where: str = ""):
     return record[key]
 
 
-def convert_records(file: str, items: list, convert) -> list:
-    """Apply `convert(record) -> list` to (name, record) pairs; a record that does not fit is logged (file,
-    record, field, problem) and skipped, and a summary counts the skips per field."""
+def media_path(root: str, relative: str, check: bool, field: str) -> str:
+    """root/relative; with `check`, a RecordError naming `field` when the file is not there."""
+    file = os.path.join(root, relative)
+    if check and not os.path.exists(file):
+        raise RecordError(field, f"{file} not found (check --media-root)")
+    return file
+
+
+def record_label(index, record, *id_fields) -> str:
+    """How a record is named in messages: its position and, when it has one, its ID."""
+    for f in id_fields:
+        if isinstance(record, dict) and record.get(f) is not None:
+            return f"#{index} ({f} {record[f]})"
+    return f"#{index}"
+
+
+def convert_records(file: str, records, convert, *id_fields) -> list:
+    """Apply `convert(record) -> list` to a list of records (named by record_label(..., *id_fields)) or a
+    dict {name: record}; a record that does not fit is logged (file, record, field, problem) and skipped,
+    and a summary counts the skips per field."""
+    if not isinstance(records, dict):
+        records = {record_label(i, r, *id_fields): r for i, r in enumerate(records)}
     out, skipped = [], Counter()
-    for name, record in items:
+    for name, record in records.items():
         try:
             out.extend(convert(record))
         except (RecordError, KeyError, TypeError, ValueError, AttributeError) as e:
@@ -513,9 +525,8 @@ def convert_records(file: str, items: list, convert) -> list:
                 log.warning("%s: record %s: %s (skipped)", file, name, problem)
     if skipped:
         reasons = ", ".join(f"{n} at {f}" for f, n in skipped.most_common())
-        log.warning("%s: skipped %d of %d records (%s)", file, sum(skipped.values()), len(items), reasons)
+        log.warning("%s: skipped %d of %d records (%s)", file, sum(skipped.values()), len(records), reasons)
     return out
-
 
 def normalize_text(text: str) -> str:
     """Fix the released data's known quirks: ID lists `[3, 4]` -> `[3] [4]`, zero-padded `[01]` -> `[1]` and
@@ -524,13 +535,6 @@ def normalize_text(text: str) -> str:
     text = re.sub(r"\[0+(\d+)\]", r"[\1]", text)
     return re.sub(r"<0+([1-9]\d*)>", r"<\1>", text)
 
-
-def record_label(index, record, *id_fields) -> str:
-    """How a record is named in messages: its position and, when it has one, its ID."""
-    for f in id_fields:
-        if isinstance(record, dict) and record.get(f) is not None:
-            return f"#{index} ({f} {record[f]})"
-    return f"#{index}"
 
 
 def load_instit_dataset(path: str, media_root: str | None = None, check_media: bool = True) -> list[dict]:
@@ -554,9 +558,8 @@ def _instit_records(records, path, media_root, check_media):
             raise RecordError(field, f"expected a caption string, got {type(value).__name__}")
         return normalize_text(value)
 
-    def frame(file, instances, image_level, temporal, masks, field, t=1):
-        if check_media and not os.path.exists(file):
-            raise RecordError(field, f"{file} not found (check --media-root)")
+    def frame(folder, name, instances, image_level, temporal, masks, field, t=1):
+        file = media_path(folder, name, check_media, field)
         if not isinstance(instances or {}, dict) or not isinstance(masks or {}, dict):
             raise RecordError(field, "instance captions and segmentations must map ID -> value")
         return {"timestamp": t, "path": file, "image_level": image_level and normalize_text(image_level),
@@ -568,7 +571,7 @@ def _instit_records(records, path, media_root, check_media):
         if not isinstance(rec, dict):
             raise RecordError("record", f"expected a JSON object, got {type(rec).__name__}")
         if "frame_level_caption" not in rec:  # image part
-            frames = [frame(os.path.join(media_root, required(rec, "image_path")), rec.get("instance_level_caption"),
+            frames = [frame(media_root, required(rec, "image_path"), rec.get("instance_level_caption"),
                             rec.get("image_level_caption"), None, rec.get("segmentations"), "image_path")]
             return [{"id": f"image {rec.get('image_id', '?')}", "file": path, "frames": frames,
                      "video_caption": None, "qa": []}]
@@ -584,7 +587,7 @@ def _instit_records(records, path, media_root, check_media):
             masks = None if segmentations is None else segmentations.get(name)
             if segmentations is not None and masks is None:
                 raise RecordError(f"segmentations.{name}", "no masks for this annotated frame")
-            frames.append(frame(os.path.join(folder, name), f.get("instance_level"), f.get("image_level"),
+            frames.append(frame(folder, name, f.get("instance_level"), f.get("image_level"),
                                 f.get("temporal_change"), masks, f"{field}.frame_name", int(t)))
         if not frames:
             raise RecordError("frame_level_caption", "empty")
@@ -592,12 +595,12 @@ def _instit_records(records, path, media_root, check_media):
         qa = []
         for k, pair in enumerate(rec.get("question_answer_pairs") or []):
             where = f"question_answer_pairs[{k}]"
-            qa.append((normalize_text(required(pair, "question", str, where)), normalize_text(required(pair, "answer", str, where))))
+            qa.append(tuple(normalize_text(required(pair, key, str, where)) for key in ("question", "answer")))
         summary = rec.get("video_level_caption")
         return [{"id": f"video {rec.get('video_id', '?')}", "file": path, "frames": frames,
                  "video_caption": summary and normalize_text(summary), "qa": qa}]
 
-    return convert_records(path, [(record_label(i, r, "video_id", "image_id"), r) for i, r in enumerate(records)], convert)
+    return convert_records(path, records, convert, "video_id", "image_id")
 
 
 def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = False) -> list[dict]:
@@ -631,7 +634,8 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
         visual = {"frames": [f["path"] for f in shown], "pooled": len(shown) > 1}
         if draw_marks:
             visual["masks"] = [f["masks"] for f in shown]
-        out.append({"id": f"{record['id']} {kind}", "source": record["file"], "visuals": [visual], "messages": messages})
+        out.append({"id": f"{record['id']} {kind}", "source": record["file"], "visuals": [visual],
+                    "messages": messages})
 
     for f in frames:
         turns = []
@@ -661,8 +665,9 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
     `path`: a flat JSON/JSONL copy, a folder of them (or of the hub's parquet files, with pyarrow), or a list
     of records (e.g. a `datasets` split). Options may be choice_a..choice_d or an `options` dict/list. The
     split ("image_mc", "image_oe", "video_mc", "video_oe"; the hub names work too) follows from the record:
-    video_path -> video, options -> multiple choice; a file named *multi_choice* / *open_ended* must agree. `media`: the image (PIL image, bytes or path) or the
-    video's frame folder. `media_root` (default: the file's folder) holds relative media paths."""
+    video_path -> video, options -> multiple choice; a file named *multi_choice* / *open_ended* must agree.
+    `media`: the image (PIL image, bytes or path) or the video's frame folder, relative paths under
+    `media_root` (default: the file's folder)."""
     short = {hub: name for name, hub in BENCH_SPLITS.items()}
     wanted = None if splits is None else {short.get(s, s) for s in splits}
     if wanted and not wanted <= set(BENCH_SPLITS):
@@ -672,20 +677,12 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
         sources = [("<records>", list(path), media_root or ".")]
     else:
         files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(d, n) for d, _, names in os.walk(path) for n in names if n.endswith((".json", ".jsonl", ".parquet")))
+            os.path.join(d, n) for d, _, names in os.walk(path) for n in names
+            if n.endswith((".json", ".jsonl", ".parquet")))
         if not files:
             raise FileNotFoundError(f"{path}: no bench file (.json, .jsonl or .parquet) found")
         sources = [(f, read_parquet(f) if f.endswith(".parquet") else read_json(f),
                     media_root if media_root is not None else os.path.dirname(f)) for f in files]
-
-    def media(value, root, field):
-        if isinstance(value, dict):  # a datasets Image feature as stored in parquet
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, str):
-            return media_path(root, value, check_media, field)
-        if not isinstance(value, (bytes, Image.Image)):
-            raise RecordError(field, f"expected an image, bytes or a path, got {type(value).__name__}")
-        return value
 
     questions = []
     for file, records, root in sources:
@@ -695,7 +692,8 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
 
         def convert(rec):
             question = normalize_text(required(rec, "question"))
-            options = rec.get("options") or {L: rec[f"choice_{L.lower()}"] for L in "ABCDEFGH" if rec.get(f"choice_{L.lower()}")}
+            options = rec.get("options") or {L: rec[f"choice_{L.lower()}"] for L in "ABCDEFGH"
+                                             if rec.get(f"choice_{L.lower()}")}
             if isinstance(options, list):
                 options = dict(zip("ABCDEFGH", options))
             if not isinstance(options, dict):
@@ -711,30 +709,28 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
             answer = str(required(rec, "answer", (str, int))).strip()
             if options:  # MC: the letter, also when the record gives the option's text
                 letter = answer.strip("().:* ").upper()
-                letter = letter if letter in options else next((k for k, v in options.items() if v.strip() == answer), None)
+                if letter not in options:
+                    letter = next((k for k, v in options.items() if v.strip() == answer), None)
                 if letter is None:
-                    raise RecordError("answer", f"{answer[:40]!r} is neither an option letter {sorted(options)} nor an option")
+                    raise RecordError("answer", f"{answer[:40]!r} is neither an option letter {sorted(options)} "
+                                      "nor an option")
                 answer = letter
-            if modality == "video":
-                visual = media(rec["video_path"], root, "video_path")
-            else:
-                key = "image" if rec.get("image") is not None else "image_path"
-                visual = media(required(rec, key, object), root, key)
-            return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split, "question": question,
-                     "options": options, "answer": answer, "media": visual, "file": file}]
+            key = "video_path" if modality == "video" else "image" if rec.get("image") is not None else "image_path"
+            visual = required(rec, key, object)
+            if isinstance(visual, dict):  # a datasets Image feature as stored in parquet
+                visual = visual.get("bytes") or visual.get("path")
+            if isinstance(visual, str):
+                visual = media_path(root, visual, check_media, key)
+            elif not isinstance(visual, (bytes, Image.Image)):
+                raise RecordError(key, f"expected an image, bytes or a path, got {type(visual).__name__}")
+            return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split,
+                     "question": question, "options": options, "answer": answer, "media": visual, "file": file}]
 
-        questions += convert_records(file, [(record_label(i, r, "question_id"), r) for i, r in enumerate(records)], convert)
+        questions += convert_records(file, records, convert, "question_id")
     return questions
 
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def media_path(root: str, relative: str, check: bool, field: str) -> str:
-    file = os.path.join(root, relative)
-    if check and not os.path.exists(file):
-        raise RecordError(field, f"{file} not found (check --media-root)")
-    return file
 
 
 def _single_turn(sample_id, source, visuals, question, answer) -> dict:
@@ -779,7 +775,7 @@ def _llava_records(records, path, media_root, check_media):
             raise RecordError("conversations", f"{placeholders} <image> placeholders for {len(visuals)} images/videos")
         return [{"id": str(rec.get("id", "?")), "source": path, "visuals": visuals, "messages": messages}]
 
-    return convert_records(path, [(record_label(i, r, "id"), r) for i, r in enumerate(records)], convert)
+    return convert_records(path, records, convert, "id")
 
 
 def load_mimicit(instructions: str, images: str, train_config: str | None = None) -> list[dict]:
@@ -826,7 +822,7 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
                          {"role": "assistant", "content": answer}]
         return [{"id": ins_id, "source": instructions, "visuals": [c[0] for c in chunks], "messages": messages}]
 
-    return convert_records(instructions, [(k, (k, v)) for k, v in queries.items()], convert)
+    return convert_records(instructions, {k: (k, v) for k, v in queries.items()}, convert)
 
 
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
@@ -864,7 +860,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         visual = {"frames": [media_path(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
         return [_single_turn(str(rec.get("unique_id", "?")), path, [visual], instruction, target)]
 
-    return convert_records(path, [(record_label(i, r, "unique_id"), r) for i, r in enumerate(read_json(path))], convert)
+    return convert_records(path, read_json(path), convert, "unique_id")
 
 
 def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
@@ -885,18 +881,20 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
             continue
         definition = task.get("Definition") or []
         definition = " ".join(definition) if isinstance(definition, list) else str(definition)
-        examples = "".join(f"\n\nPositive example {k + 1}:\nInput: {e.get('input', '')}\nOutput: {e.get('output', '')}"
-                           for k, e in enumerate((task.get("Positive Examples") or [])[:num_examples]))
+        positives = (task.get("Positive Examples") or [])[:num_examples]
+        examples = "".join(f"\n\nPositive example {k + 1}:\nInput: {e.get('input', '')}\n"
+                           f"Output: {e.get('output', '')}" for k, e in enumerate(positives))
 
         def convert(instance):
             output = required(instance, "output", (list, str))
             output = output[0] if isinstance(output, list) and output else output
             if not isinstance(output, str):
                 raise RecordError("output", "empty")
-            prompt = f"{definition}{examples}\n\nNow complete the following example.\nInput: {required(instance, 'input')}\nOutput:"
+            prompt = (f"{definition}{examples}\n\nNow complete the following example.\n"
+                      f"Input: {required(instance, 'input')}\nOutput:")
             return [_single_turn(str(instance.get("id", "?")), file, [], prompt.strip(), output)]
 
-        samples += convert_records(file, [(record_label(i, r, "id"), r) for i, r in enumerate(task["Instances"])], convert)
+        samples += convert_records(file, task["Instances"], convert, "id")
     return samples
 
 
@@ -937,8 +935,9 @@ def load_conversations(path: str, media_root: str | None = None, images: str | N
 # Command line: look at converted data.
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="data.py show: read a data file in any supported format (FORMATS.md) "
-                                                 "and print its first conversations as the model will see them")
+    """`python data.py show FILE`: read a data file in any supported format (FORMATS.md) and print its first
+    conversations as the model will see them."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="read a data file in any supported format and print its conversations")
     show.add_argument("path", help="a data file (or a folder of Natural Instructions tasks)")

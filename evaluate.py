@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 import data
 from som import named_ids
-# INST-IT paper, Table 2: image OE / image MC / video OE / video MC (None: not reported).
+# INST-IT paper, Table 2 (a split left out: not reported).
 PUBLISHED = {
-    "GPT-4o": (74.1, 84.8, 65.5, 81.0),
-    "LLaVA-NeXT-7B": (46.0, 42.4, None, None),
-    "LLaVA-NeXT-Video-7B": (46.5, 39.5, 25.8, 24.8),
-    "INST-IT (Vicuna-7B)": (68.6, 63.0, 49.3, 42.1),
-    "INST-IT (Qwen2-7B)": (67.9, 75.3, 45.7, 53.3),
+    "GPT-4o": {"image_oe": 74.1, "image_mc": 84.8, "video_oe": 65.5, "video_mc": 81.0},
+    "LLaVA-NeXT-7B": {"image_oe": 46.0, "image_mc": 42.4},
+    "LLaVA-NeXT-Video-7B": {"image_oe": 46.5, "image_mc": 39.5, "video_oe": 25.8, "video_mc": 24.8},
+    "INST-IT (Vicuna-7B)": {"image_oe": 68.6, "image_mc": 63.0, "video_oe": 49.3, "video_mc": 42.1},
+    "INST-IT (Qwen2-7B)": {"image_oe": 67.9, "image_mc": 75.3, "video_oe": 45.7, "video_mc": 53.3},
 }
 PUBLISHED_ORDER = ("image_oe", "image_mc", "video_oe", "video_mc")
 MC_RANDOM = 25.0
@@ -89,8 +89,7 @@ def extract_choice(response: str, options) -> str | None:
 
 
 def score_mc(predictions: list[dict]) -> dict:
-    """Records with model_prediction, ground_truth (letter) and optional options -> {score, total, unparsed}.
-    An answer with no extractable letter is wrong and counted in `unparsed`."""
+    """Records (model_prediction, ground_truth letter, optional options) -> {score, total, unparsed (counted wrong)}."""
     correct = unparsed = 0
     for p in predictions:
         choice = extract_choice(p["model_prediction"], p.get("options") or "ABCD")
@@ -155,20 +154,19 @@ def load_predictions(path: str) -> list[dict]:
     for i, r in enumerate(records):
         missing = [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]
         if missing:
-            raise SystemExit(f"{path}: record {i} (question_id {r.get('question_id', '?') if isinstance(r, dict) else r!r}) "
-                             f"lacks {missing}; expected fields {PREDICTION_FIELDS}")
+            name = r.get("question_id", "?") if isinstance(r, dict) else r
+            raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing}; "
+                             f"expected fields {PREDICTION_FIELDS}")
     return records
 
 
 def plot_scores(summary: dict, path: str):
-    """PNG bar chart: this run beside the published INST-IT Table 2 numbers, per split (matplotlib if
-    installed; otherwise a warning)."""
+    """PNG bar chart: this run beside the published INST-IT Table 2 numbers, per split (no matplotlib: a warning)."""
     plt = data.pyplot()
     if plt is None:
         return
     splits = [s for s in PUBLISHED_ORDER if s in summary]
-    rows = {**{name: dict(zip(PUBLISHED_ORDER, vals)) for name, vals in PUBLISHED.items()},
-            "this run": {s: summary[s].get("score") for s in splits}}  # no bar for an OE split without a judge
+    rows = {**PUBLISHED, "this run": {s: summary[s].get("score") for s in splits}}  # no bar: OE without a judge
     fig, ax = plt.subplots(figsize=(2 + 2 * len(splits), 4))
     width = 0.8 / len(rows)
     for i, (name, vals) in enumerate(rows.items()):
@@ -220,8 +218,8 @@ def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
     """OE records -> {"oe_proxy", "total"} and, with a judge client, {"score", "failed"}: 100 x the mean
     judge score, failed judge calls counted as 0 and reported (never dropped from the denominator)."""
     total = len(predictions)
-    out = {"total": total,
-           "oe_proxy": 100 * sum(oe_proxy(p["model_prediction"], p["ground_truth"]) for p in predictions) / max(total, 1)}
+    proxy = sum(oe_proxy(p["model_prediction"], p["ground_truth"]) for p in predictions)
+    out = {"total": total, "oe_proxy": 100 * proxy / max(total, 1)}
     if client is None:
         return out
     from annotate import LLMError
@@ -241,12 +239,14 @@ def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
 
 
 def judge_client(args):
-    """An annotate.LLMClient for the judge from --judge-base-url/--judge-model, or None (offline proxy only)."""
+    """The --judge-* flags -> an annotate.LLMClient for the judge, or None (offline proxy only)."""
     if not args.judge_base_url:
         return None
     from annotate import LLMClient
 
-    return LLMClient(args.judge_base_url, args.judge_model, args.judge_cache, json_mode=args.judge_json_mode,
+    folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))  # run: a folder
+    cache = args.judge_cache or os.path.join(folder, "judge.cache.jsonl")
+    return LLMClient(args.judge_base_url, args.judge_model, cache, json_mode=args.judge_json_mode,
                      prompt_version=JUDGE_VERSION)
 
 
@@ -266,11 +266,9 @@ def bench_sample(question: dict, num_frames: int) -> dict:
     video = question["split"].startswith("video")
     visual = {"video": question["media"], "num_frames": num_frames, "pooled": True} if video else \
         {"frames": [question["media"]], "pooled": False}
-    if question["options"]:
-        text = BENCH_PROMPTS["mc"].format(question=question["question"],
-                                          options="\n".join(f"{k}. {v}" for k, v in question["options"].items()))
-    else:
-        text = BENCH_PROMPTS["video_oe" if video else "image_oe"].format(question=question["question"], n=num_frames)
+    options = "\n".join(f"{k}. {v}" for k, v in (question["options"] or {}).items())
+    kind = "mc" if options else "video_oe" if video else "image_oe"
+    text = BENCH_PROMPTS[kind].format(question=question["question"], options=options, n=num_frames)
     return {"id": question["question_id"], "source": question["file"], "visuals": [visual],
             "messages": [{"role": "user", "content": "<image>\n" + text}]}
 
@@ -304,9 +302,7 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
     summary = {}
     for split in sorted({p["split"] for p in predictions}):
         rows = [p for p in predictions if p["split"] == split]
-        summary[split] = score_mc(rows) if split.endswith("mc") else score_oe(rows, client)
-        if split.endswith("mc"):
-            summary[split]["chance"] = MC_RANDOM
+        summary[split] = {**score_mc(rows), "chance": MC_RANDOM} if split.endswith("mc") else score_oe(rows, client)
     data.write_json(os.path.join(out_dir, "summary.json"), summary)
     plot_scores(summary, os.path.join(out_dir, "scores.png"))
     print_summary(summary)
@@ -319,18 +315,17 @@ def print_summary(summary: dict):
     for split, s in summary.items():
         if "unparsed" in s:
             note = f"{s['unparsed']} answers had no option letter (counted wrong); chance {MC_RANDOM:.0f}"
-            print(f"{split:10} {s['score']:7.1f} {s['total']:6}  {note}")
         elif "score" in s:
-            print(f"{split:10} {s['score']:7.1f} {s['total']:6}  judge; {s['failed']} failed calls counted 0; "
-                  f"oe_proxy {s['oe_proxy']:.1f}")
+            note = f"judge; {s['failed']} failed calls counted 0; oe_proxy {s['oe_proxy']:.1f}"
         else:
-            print(f"{split:10} {'-':>7} {s['total']:6}  no judge configured: oe_proxy {s['oe_proxy']:.1f} "
-                  "(token F1 x [ID] agreement, not comparable to judge scores)")
+            note = (f"no judge configured: oe_proxy {s['oe_proxy']:.1f} "
+                    "(token F1 x [ID] agreement, not comparable to judge scores)")
+        score = f"{s['score']:7.1f}" if "score" in s else f"{'-':>7}"
+        print(f"{split:10} {score} {s['total']:6}  {note}")
     splits = [s for s in PUBLISHED_ORDER if s in summary]
     print("published, INST-IT Table 2: " + "  ".join(f"{s:>8}" for s in splits))
-    for name, vals in PUBLISHED.items():
-        row = dict(zip(PUBLISHED_ORDER, vals))
-        print(f"  {name:25} " + "  ".join(f"{row[s]:8.1f}" if row[s] is not None else f"{'-':>8}" for s in splits))
+    for name, row in PUBLISHED.items():
+        print(f"  {name:25} " + "  ".join(f"{row[s]:8.1f}" if s in row else f"{'-':>8}" for s in splits))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,24 +362,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate answers on INST-IT Bench splits and score them")
-    run.add_argument("--model", required=True, help="a train.py output (final/), merged or llava-hf checkpoint")
+    score = sub.add_parser("score", help="re-score an existing predictions file (official shape)")
+    instr = sub.add_parser("instructions", help="MultiInstruct tasks under each instruction: Sensitivity")
+    for cmd in (run, instr):
+        cmd.add_argument("--model", required=True, help="a train.py output (final/), merged or llava-hf checkpoint")
+        cmd.add_argument("--media-root")
     run.add_argument("--bench", required=True, help="bench file or folder (data.load_instit_bench)")
     run.add_argument("--splits", default="image_mc,image_oe,video_mc,video_oe")
-    run.add_argument("--out", required=True)
-    run.add_argument("--media-root")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=256)
     run.add_argument("--num-frames", type=int, default=8, help="frames sampled per bench video")
-    score = sub.add_parser("score", help="re-score an existing predictions file (official shape)")
     score.add_argument("--predictions", required=True)
     score.add_argument("--mode", choices=["mc", "oe"], required=True)
-    score.add_argument("--out", required=True)
-    instr = sub.add_parser("instructions", help="MultiInstruct tasks under each instruction: Sensitivity")
-    instr.add_argument("--model", required=True)
     instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
     instr.add_argument("--templates", required=True, help="JSON {task_name: [instruction templates]}")
-    instr.add_argument("--media-root")
-    instr.add_argument("--out", required=True)
+    for cmd in (run, score, instr):
+        cmd.add_argument("--out", required=True)
     for cmd in (run, score):
         cmd.add_argument("--judge-base-url", help="OpenAI-compatible server for the OE judge (key: OPENAI_API_KEY)")
         cmd.add_argument("--judge-model", default="gpt-4o")
@@ -392,10 +385,6 @@ def main(argv=None):
         cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
     args = p.parse_args(argv)
     data.log_to_stderr()
-    if getattr(args, "judge_base_url", None) and not args.judge_cache:  # run: inside --out DIR; score: beside the file
-        folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))
-        args.judge_cache = os.path.join(folder, "judge.cache.jsonl")
-
     if args.command == "score":
         predictions = load_predictions(args.predictions)
         result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))

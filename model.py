@@ -57,8 +57,7 @@ def num_visual_tokens(cfg: ModelConfig, num_frames: int = 1, pooled: bool = Fals
     """Tokens one visual of `num_frames` frames becomes: the single source of truth (INST-IT 2.4).
 
     Unpooled (a single image): grid^2 per frame (+1 with strategy "full" on an encoder with CLS).
-    Pooled (videos, several visuals): ceil(grid / stride)^2 per frame; CLS never survives pooling.
-    """
+    Pooled (videos, several visuals): ceil(grid / stride)^2 per frame; CLS never survives pooling."""
     if not cfg.image_size or not cfg.patch_size:
         raise ValueError("ModelConfig.image_size/patch_size are unset: take the config from build_model(cfg).cfg")
     grid = cfg.image_size // cfg.patch_size
@@ -72,8 +71,7 @@ def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
     """(T, g*g, D) per-frame patch features -> (T, ceil(g/stride)^2, D), INST-IT's 2x2 video pooling.
 
     Odd grids (SigLIP-384: 27x27) round up: the last row/column window is clipped to the image and
-    averaged over the patches it covers ("average"), or the grid is resized to the same size ("bilinear").
-    """
+    averaged over the patches it covers ("average"), or the grid is resized to the same size ("bilinear")."""
     t, n, d = x.shape
     g = math.isqrt(n)
     x = x.transpose(1, 2).reshape(t, d, g, g)
@@ -167,7 +165,8 @@ def encoder_layers(vision: nn.Module) -> nn.ModuleList:
 
 
 def load_language_model(path: str, cfg: ModelConfig, dtype, device, config=None, key_mapping=None):
-    """A causal LM, quantized to nf4 when cfg.load_in_4bit (the language model only, DESIGN 6)."""
+    """A causal LM, quantized to nf4 when cfg.load_in_4bit: the language model only, as QLoRA does; the vision
+    tower and projector keep their precision."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = None
@@ -271,8 +270,8 @@ class LlavaStyleModel(nn.Module):
             tok.pad_token = tok.eos_token
         if self.cfg.image_token not in tok.get_vocab():
             tok.add_special_tokens({"additional_special_tokens": [self.cfg.image_token]})
-        if len(tok) > lm.get_input_embeddings().weight.shape[0]:
-            old = lm.get_input_embeddings().weight.shape[0]
+        old = lm.get_input_embeddings().weight.shape[0]
+        if len(tok) > old:
             lm.resize_token_embeddings(len(tok), mean_resizing=False)
             for emb in (lm.get_input_embeddings(), lm.get_output_embeddings()):
                 with torch.no_grad():
@@ -281,7 +280,7 @@ class LlavaStyleModel(nn.Module):
 
     def _prepare_language_model(self, lm):
         """Freeze / LoRA-wrap the LM. k-bit preparation runs on the LM alone, before vision and projector
-        are attached, so it cannot upcast the vision tower to fp32 (DESIGN 6)."""
+        are attached, so it cannot upcast the vision tower to fp32 (63 -> 81 GB in a bitsandbytes report)."""
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         ckpt_kwargs = {"use_reentrant": False}
@@ -321,7 +320,7 @@ class LlavaStyleModel(nn.Module):
     def _freeze_vision(self):
         """Freeze all but the trainable tail. A frozen parameter records no autograd graph (what no_grad
         does); the trainable tail records one. LLaVA's tower was decorated with no_grad, so "unfreezing" it
-        trained nothing (DESIGN 6): tests check the tail gets gradients."""
+        trained nothing: tests check the tail gets gradients."""
         tail = self.trainable_vision_tail()
         self.vision.requires_grad_(False)
         for layer in tail + self.trainable_vision_embeddings():
@@ -352,10 +351,9 @@ class LlavaStyleModel(nn.Module):
                  100 * sum(actual.values()) / total)
 
     def compile_blocks(self, **options):
-        """torch.compile each transformer block of the vision encoder and the LM (regional compilation): the
-        blocks are alike, so one compiled graph serves them all, in seconds, and fuses the element-wise work
-        that eager mode runs kernel by kernel (a 7B video step: 0.88 -> 0.66 s on an H100). Names and
-        checkpoints stay as they are."""
+        """torch.compile each transformer block of the vision encoder and the LM (regional compilation): the blocks
+        are alike, so one compiled graph serves them all, in seconds, and fuses the element-wise work that eager mode
+        runs kernel by kernel (a 7B video step: 0.88 -> 0.66 s on an H100). Names and checkpoints stay as they are."""
         for block in [*encoder_layers(self.vision), *self.lm.get_decoder().layers]:
             block.compile(**options)
         return self
@@ -376,14 +374,11 @@ class LlavaStyleModel(nn.Module):
         return {name: [p for p in part.parameters() if p.requires_grad] for name, part in parts.items()}
 
     # -- forward ---------------------------------------------------------------------------------
-    def encode_visuals(self, pixel_values, visual_frames=None, visual_pooled=None) -> torch.Tensor:
+    def encode_visuals(self, pixel_values, visual_frames, visual_pooled) -> torch.Tensor:
         """(F, 3, H, W) frames of all visuals in a batch -> (N, D_lm) features in placeholder order.
 
-        `visual_frames[i]` frames belong to visual i (default: one frame each); visual i is 2x2-pooled if
-        `visual_pooled[i]` (default: no). Pooling comes before the projector, as in LLaVA-NeXT-Video.
-        """
-        visual_frames = visual_frames or [1] * len(pixel_values)
-        visual_pooled = visual_pooled or [False] * len(visual_frames)
+        `visual_frames[i]` frames belong to visual i; visual i is 2x2-pooled if `visual_pooled[i]`. Pooling
+        comes before the projector, as in LLaVA-NeXT-Video."""
         if sum(visual_frames) != len(pixel_values) or len(visual_pooled) != len(visual_frames):
             raise ValueError(f"visual_frames {visual_frames} / visual_pooled {visual_pooled} do not describe "
                              f"{len(pixel_values)} frames")
@@ -392,13 +387,11 @@ class LlavaStyleModel(nn.Module):
                              f"{self.cfg.max_frames}; sample fewer frames (data.sample_frames)")
         hidden = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True).hidden_states[-1]
         patches = hidden[:, 1:] if self.cfg.has_cls else hidden  # (F, grid^2, Dv)
+        unpooled = hidden if self.cfg.vision_feature_select_strategy == "full" else patches
         features = []
-        for frames, hid, pat, pooled in zip(visual_frames, hidden.split(visual_frames),
-                                            patches.split(visual_frames), visual_pooled):
+        for x, pat, pooled in zip(unpooled.split(visual_frames), patches.split(visual_frames), visual_pooled):
             if pooled:
                 x = pool_frames(pat, self.cfg.pool_stride, self.cfg.pool_mode)
-            else:
-                x = hid if self.cfg.vision_feature_select_strategy == "full" else pat
             features.append(x.reshape(-1, x.shape[-1]))
         return self.projector(torch.cat(features).to(self.projector.linear_1.weight.dtype))
 
@@ -411,7 +404,8 @@ class LlavaStyleModel(nn.Module):
         slots = input_ids == self.image_token_id
         if pixel_values is None:
             if slots.any():
-                raise ValueError(f"input_ids hold {int(slots.sum())} {self.cfg.image_token} tokens but no pixel_values")
+                raise ValueError(f"input_ids hold {int(slots.sum())} {self.cfg.image_token} tokens "
+                                 "but no pixel_values")
             return embeds
         visual_frames = visual_frames or [1] * len(pixel_values)
         visual_pooled = visual_pooled or [False] * len(visual_frames)
@@ -452,20 +446,20 @@ class LlavaStyleModel(nn.Module):
             logits = self.lm.get_output_embeddings()(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            targets = labels[:, 1:].flatten().to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
                  max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
         """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS."""
+        vocab = self.tokenizer.get_vocab()
+        eos = [self.tokenizer.eos_token_id] + [vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab]
+        sampling = (dict(temperature=temperature, top_p=top_p) if do_sample
+                    else dict(temperature=None, top_p=None, top_k=None))
         with self.autocast():
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
-        eos = [self.tokenizer.eos_token_id] + [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>")
-                                               if t in self.tokenizer.get_vocab()]
-        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else dict(temperature=None, top_p=None, top_k=None)
-        with self.autocast():
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
                                     pad_token_id=self.tokenizer.pad_token_id, **sampling)
@@ -516,9 +510,7 @@ class LlavaStyleModel(nn.Module):
         if unexpected or (strict and missing):
             raise ValueError(f"{file}: trained tensors do not fit this model's config (missing "
                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor)
+        self.load_state_dict(state, strict=False)  # the names were checked above
 
     @classmethod
     def from_llava_hf(cls, path_or_id: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
@@ -528,7 +520,8 @@ class LlavaStyleModel(nn.Module):
 
         llava = AutoConfig.from_pretrained(path_or_id)
         if not isinstance(llava.vision_feature_layer, int):
-            raise ValueError(f"{path_or_id}: several vision feature layers {llava.vision_feature_layer} are not supported")
+            raise ValueError(f"{path_or_id}: several vision feature layers {llava.vision_feature_layer} "
+                             "are not supported")
         cfg = ModelConfig(vision_model=path_or_id, language_model=path_or_id, llava_checkpoint=path_or_id,
                           vision_feature_layer=llava.vision_feature_layer,
                           vision_feature_select_strategy=llava.vision_feature_select_strategy)
@@ -541,10 +534,7 @@ class LlavaStyleModel(nn.Module):
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
         full.tokenizer = self.tokenizer
-        with torch.no_grad():
-            params = dict(full.named_parameters())
-            for name, tensor in self.trained_state_dict().items():
-                params[name].copy_(tensor)
+        full.load_state_dict(self.trained_state_dict(), strict=False)  # trained tensors only
         lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
         config = LlavaConfig(vision_config=full.vision.config.to_dict(), text_config=lm.config.to_dict(),
                              image_token_id=self.image_token_id, vision_feature_layer=-1,

@@ -1,14 +1,12 @@
 """Set-of-Marks visual prompts (INST-IT 2.1): instance masks, boxes or polygons -> numbered marks on frames.
 
-Read top to bottom: reading a frame and an instance ID, decoding a mask (COCO RLE, box, polygon), where an
-ID's label goes (`label_position`), its colour (`id_colour`), the style (`MarkStyle`) and the drawing
-(`render_som`), then the command line:
+Read top to bottom: a frame and an instance ID, a mask (COCO RLE, box, polygon), where an ID's label goes
+(`label_position`), its colour (`id_colour`), the style (`MarkStyle`), the drawing (`render_som`), the command line:
 
     python som.py FRAMES --masks M.json --out DIR    # FRAMES: an image or a folder of frames
 
-An instance keeps its ID, colour and label place on every frame of a video, so that "[2]" means the same
-object at <1> and at <8>. data.py draws marks when it loads masked data; annotate.py draws them before GPT
-sees a frame. This file needs only numpy and pillow.
+An instance keeps its ID, colour and label place on every frame of a video, so "[2]" means the same object at <1>
+and at <8>. data.py draws marks when it loads masked data, annotate.py before GPT sees a frame. Needs numpy and pillow.
 """
 import argparse
 import colorsys
@@ -25,7 +23,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-ID_PATTERN = re.compile(r"\[(\d+)\]")  # how a text names an instance: [3] (several: [3] [4])
 
 
 def open_image(source) -> Image.Image:
@@ -54,8 +51,8 @@ def instance_key(key) -> str:
 
 
 def named_ids(text: str) -> set[int]:
-    """The instance IDs a text names as [ID]."""
-    return {int(i) for i in ID_PATTERN.findall(text)}
+    """The instance IDs a text names as [ID] (several: [3] [4])."""
+    return {int(i) for i in re.findall(r"\[(\d+)\]", text)}
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -69,19 +66,16 @@ def decode_rle(rle: dict) -> np.ndarray:
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
     if isinstance(counts, str):
-        chars, counts, p = counts, [], 0
-        while p < len(chars):
-            x, k, more = 0, 0, True
-            while more:
-                c = ord(chars[p]) - 48
-                x |= (c & 0x1F) << (5 * k)
-                more = bool(c & 0x20)
-                p, k = p + 1, k + 1
-                if not more and c & 0x10:
-                    x |= -1 << (5 * k)  # sign-extend
-            if len(counts) > 2:
-                x += counts[-2]
-            counts.append(x)
+        chars, counts, x, k = counts, [], 0, 0
+        for c in (ord(ch) - 48 for ch in chars):
+            x |= (c & 0x1F) << (5 * k)
+            k += 1
+            if c & 0x20:  # more 5-bit groups of this count follow
+                continue
+            if c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend
+            counts.append(x + counts[-2] if len(counts) > 2 else x)
+            x, k = 0, 0
     if sum(counts) != h * w or min(counts, default=0) < 0:
         raise ValueError(f"RLE counts sum to {sum(counts)}, but size {h}x{w} needs {h * w}: a corrupt or "
                          "mislabelled RLE")
@@ -186,11 +180,10 @@ LABEL_GRID = 64  # label_position's working resolution: 1/64 of the mask is prec
 
 def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]:
     """(H, W) bool mask -> (x, y) where its ID label goes: the point of the largest component farthest from
-    the border (the distance-transform peak; the image edge counts as border), so it lies inside C-shapes,
-    rings and thin bars, where a centroid may not. Ties go to the point nearest the middle of the plateau.
-    Works on the mask's bounding box, downsampled to <= LABEL_GRID px, so 4K frames stay cheap.
-    `grid` (a ViT's patch size): moved to the nearest centre of a grid cell inside the mask, so the label
-    lies whole in one patch token instead of in pieces across four."""
+    the border (the distance-transform peak; the image edge counts as border), so it lies inside C-shapes, rings
+    and thin bars, where a centroid may not. Ties go to the point nearest the middle of the plateau. Works on the
+    mask's bounding box, downsampled to <= LABEL_GRID px, so 4K frames stay cheap. `grid` (a ViT's patch size):
+    moved to the nearest centre of a grid cell inside the mask, so the label lies whole in one patch token."""
     mask = np.asarray(mask, bool)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows):
@@ -252,15 +245,16 @@ def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_pla
     """An image and {instance ID: mask | RLE | box | polygon} -> a copy with Set-of-Marks drawn (INST-IT 2.1):
     a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`.
 
-    Colour and label text come from the annotation's instance/track ID, so they stay fixed across the
-    frames of a video. Pass the same `label_places` dict for every frame: a label then stays where it was
-    for as long as that point is inside the instance's mask. Line width and font size scale with the image
-    (legible from 224 px to 4K) unless `style` fixes them. Empty masks are skipped with a warning."""
+    Colour and label come from the instance/track ID, so they stay fixed across a video's frames. Pass the same
+    `label_places` dict for every frame: a label then stays where it was while that point is inside the mask.
+    Sizes scale with the image (224 px to 4K) unless `style` fixes them. Empty masks are skipped with a warning."""
     image = open_image(image)
     w, h = image.size
     line_width = style.line_width or max(1, round(min(w, h) / 250))
-    font_size = style.font_size or max(8, round(min(w, h) / 16))  # 14 px at 224, 135 px at 4K; the floor for tiny frames
+    # font: 14 px at 224, 135 px at 4K; the floor for tiny frames
+    font_size = style.font_size or max(8, round(min(w, h) / 16))
     pixels = np.array(image)  # (H, W, 3) uint8; each instance is drawn inside its bounding box only
+    places = {} if label_places is None else label_places
     labels = []
     for instance_id, spec in instances.items():
         instance_id = instance_key(instance_id)  # "02" is [2]: same label, colour and place
@@ -275,12 +269,11 @@ def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_pla
         crop, region = mask[y0:y1, x0:x1], pixels[y0:y1, x0:x1]  # region is a view into pixels
         region[crop] = (region[crop] * (1 - style.fill) + colour * style.fill).round().astype(np.uint8)
         region[crop & ~_erode(crop, line_width)] = colour  # the contour
-        place = (label_places or {}).get(str(instance_id))
+        place = places.get(instance_id)
         if place is None or not (place[0] < w and place[1] < h and mask[place[1], place[0]]):
             place = label_position(mask, style.grid)
-        if label_places is not None:
-            label_places[str(instance_id)] = place
-        labels.append((str(instance_id).strip(), place, tuple(int(c) for c in colour)))
+        places[instance_id] = place
+        labels.append((instance_id, place, tuple(int(c) for c in colour)))
     out = Image.fromarray(pixels)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=font_size)

@@ -93,26 +93,24 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
     demo.py's) sits under both; the stage preset fills the rest."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file with any of the fields below (flags override it)")
-    model_fields = [f for f in fields(ModelConfig) if f.name not in ("image_size", "patch_size", "has_cls",
-                                                                     "image_mean", "image_std")]
+    known = fields(TrainConfig) + tuple(f for f in fields(ModelConfig) if f.name not in (
+        "image_size", "patch_size", "has_cls", "image_mean", "image_std"))
     helps = {**field_help(TrainConfig), **field_help(ModelConfig)}
-    for f in fields(TrainConfig) + tuple(model_fields):
-        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        kind = f.type if f.type in (bool, int, float) else str
+    for f in known:  # every flag defaults to None: "not given", so --config and `defaults` show through
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})"
         if f.name == "data":
-            p.add_argument(flag, action="append", default=None, metavar="PATH:RATIO", help=text)
-        elif kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{text} (default: {f.default})")
+            p.add_argument(flag, action="append", metavar="PATH:RATIO", help=helps.get("data", ""))
+        elif f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {f.default})")
+            p.add_argument(flag, type=f.type if f.type in (int, float) else str, help=text)
     args = vars(p.parse_args(argv))
     given = dict(defaults or {})
-    if args.get("config"):
-        given.update(read_config(args["config"], fields(TrainConfig) + tuple(model_fields)))
+    if args["config"]:
+        given.update(read_config(args["config"], known))
     given.update({k: v for k, v in args.items() if v is not None and k != "config"})
     train_names = {f.name for f in fields(TrainConfig)}
-    unknown = set(given) - train_names - {f.name for f in model_fields}
+    unknown = set(given) - {f.name for f in known}
     if unknown:
         raise SystemExit(f"unknown config fields: {sorted(unknown)}")
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in train_names})
@@ -138,7 +136,8 @@ def read_config(path: str, known) -> dict:
             try:
                 given[name] = types[name](value)
             except ValueError:
-                raise SystemExit(f"{path}: {name} = {value!r} is not a{'n int' if types[name] is int else ' number'}")
+                kind = "an int" if types[name] is int else "a number"
+                raise SystemExit(f"{path}: {name} = {value!r} is not {kind}")
     return given
 
 
@@ -146,9 +145,7 @@ def parse_sources(specs: list[str]) -> list[tuple[str, float]]:
     """["a.json:0.7", "b.json:0.3"] -> [(path, ratio)]; ratios are normalised to sum to 1."""
     sources = []
     for spec in specs:
-        path, sep, ratio = spec.rpartition(":")
-        if not sep:
-            path, ratio = spec, "1"
+        path, ratio = spec.rsplit(":", 1) if ":" in spec else (spec, "1")
         try:
             weight = float(ratio)
         except ValueError:
@@ -214,14 +211,13 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: everything needed to continue exactly.
 
-def save_checkpoint(directory, model, optimizer, step, micro_batches, rng_generator_states):
-    """Trained weights (model.save_pretrained) + optimizer, step, data position and RNG states."""
+def save_checkpoint(directory, run, rng_generator_states):
+    """A run's trained weights (model.save_pretrained) + optimizer, step, data position and RNG states -> directory."""
     tmp = directory + ".tmp"
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "micro_batches": micro_batches,
+    run.model.save_pretrained(tmp)
+    torch.save({"optimizer": run.optimizer.state_dict(), "step": run.step, "micro_batches": run.micro,
                 "rng": rng_generator_states}, os.path.join(tmp, "train_state.pt"))
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
+    shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)  # a kill mid-save never leaves a half-written checkpoint
 
 
@@ -245,7 +241,9 @@ def truncate_metrics(path: str, step: int):
 
 
 def latest_checkpoint(out: str) -> str | None:
-    steps = [d for d in os.listdir(out) if d.startswith("checkpoint-") and not d.endswith(".tmp")] if os.path.isdir(out) else []
+    """A run's folder -> its newest complete checkpoint-N folder, or None."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    steps = [d for d in names if d.startswith("checkpoint-") and not d.endswith(".tmp")]
     return os.path.join(out, max(steps, key=lambda d: int(d.split("-")[1]))) if steps else None
 
 
@@ -302,7 +300,7 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     return SimpleNamespace(
         accelerator=accelerator, model=model, wrapped=wrapped, optimizer=optimizer, groups=groups,
         base_lr=base_lr, stream=stream, step=step, micro=micro, total=total, warmup=int(cfg.warmup_ratio * total),
-        log_file=open(os.path.join(cfg.out, "metrics.jsonl"), "a") if main else None,
+        log_file=open(os.path.join(cfg.out, "metrics.jsonl"), "a", buffering=1) if main else None,  # line-flushed
         bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False)
 
 
@@ -359,7 +357,6 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
     run.bar.set_postfix(loss=f"{run.loss:.4f}")
     if run.log_file and (run.step % cfg.log_every == 0 or run.step == run.total):
         run.log_file.write(json.dumps(record) + "\n")
-        run.log_file.flush()
         if cfg.report_to:
             accelerator.log(record, step=run.step)
     run.stopping = stop["signal"] is not None
@@ -368,13 +365,11 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
     if run.step % cfg.save_every == 0 or run.stopping:
         states = gather_object([rng_states()])  # every process's RNG, so a multi-GPU resume is exact too
         if accelerator.is_main_process:
-            save_checkpoint(os.path.join(cfg.out, f"checkpoint-{run.step}"), run.model, run.optimizer, run.step,
-                            run.micro, states)
+            save_checkpoint(os.path.join(cfg.out, f"checkpoint-{run.step}"), run, states)
     if cfg.eval_bench and accelerator.is_main_process and (
             (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total):
         scores = evaluate_on_bench(run.model, cfg, run.step)
         run.log_file.write(json.dumps({"step": run.step, "eval": scores}) + "\n")
-        run.log_file.flush()
 
 
 def train(cfg: TrainConfig, overrides: dict) -> dict:
