@@ -702,6 +702,7 @@ def review(out_json=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    data.log_to_stderr()
     if argv[:1] == ["review"]:
         return review(*argv[1:2])
     if argv[:1] == ["syphus"]:

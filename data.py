@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from model import ModelConfig, num_visual_tokens
-from som import IMAGE_EXTS, instance_key, named_ids, natural_key, open_image, render_som
+from som import IMAGE_EXTS, MarkStyle, frame_files, instance_key, named_ids, natural_key, open_image, render_som
 
 log = logging.getLogger("data")
 
@@ -72,8 +72,7 @@ def sample_frames(source, num_frames: int) -> tuple[list[Image.Image], list[int]
     if isinstance(source, (list, tuple)):
         paths = list(source)
     elif os.path.isdir(source):
-        names = sorted((n for n in os.listdir(source) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
-        paths = [os.path.join(source, n) for n in names]
+        paths = [os.path.join(source, n) for n in frame_files(source)]
     elif os.path.isfile(source):
         if not str(source).lower().endswith(IMAGE_EXTS):
             return _read_video(str(source), num_frames)
@@ -148,8 +147,8 @@ def load_visual(visual: dict, cfg: ModelConfig) -> list[Image.Image]:
     if masks:
         if len(masks) != len(frames):
             raise ValueError(f"{len(masks)} sets of masks for {len(frames)} frames")
-        places = {}
-        frames = [render_som(f, m or {}, label_places=places) for f, m in zip(frames, masks)]
+        places, style = {}, MarkStyle(**cfg.mark_style or {})  # the style the model is trained with
+        frames = [render_som(f, m or {}, style, label_places=places) for f, m in zip(frames, masks)]
     return frames
 
 

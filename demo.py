@@ -46,18 +46,19 @@ DEMO = dict(
     out="runs/demo", lr=3e-4, projector_lr=3e-4, vision_lr=3e-4, weight_decay=0.01, warmup_ratio=0.05,
     max_grad_norm=1.0, batch_size=16, grad_accum=1, max_steps=400, max_length=1024, num_workers=0, log_every=10,
     save_every=500, eval_splits="image_mc,video_mc")
+DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
+DEMO_MARKS = MarkStyle(fill=0.0, colour=(255, 255, 255), grid=DEMO_PATCH)  # for a model that learns to see from
+# scratch: no tint and white marks (the world's saturated colours are what the bench asks about), each label
+# whole in one patch token. Measured: benchmarks/DEMO_HISTORY.md.
 DEMO_MODEL = dict(  # the model's settings: full LM training, the ViT's last layer, LLaVA-NeXT-Video's pooling
     lm_training="full", trainable_vision_layers=1, vision_feature_layer=-1, vision_feature_select_strategy="default",
-    max_frames=8, pool_stride=2, pool_mode="average", load_in_4bit=False, gradient_checkpointing=False)
-DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
+    max_frames=8, pool_stride=2, pool_mode="average", load_in_4bit=False, gradient_checkpointing=False,
+    mark_style=dataclasses.asdict(DEMO_MARKS))  # recorded in every checkpoint: evaluate.py ask draws the same marks
 DEMO_VISION_LAYERS = 4                 # the tiny ViT's depth
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)
 DEMO_READING_SHARE = 1.0               # the reading stage's steps, as a share of --max-steps (run before them)
 DEMO_READING_RATIO = 0.2               # share of reading chats kept in the mixture that follows, so it is not forgotten
-DEMO_MARKS = MarkStyle(fill=0.0, colour=(255, 255, 255), grid=DEMO_PATCH)  # for a model that learns to see from
-# scratch: no tint and white marks (the world's saturated colours are what the bench asks about), each label
-# whole in one patch token. Measured: benchmarks/DEMO_HISTORY.md.
 DEMO_PRETRAIN_BATCH = 32               # frames per step of the ViT's pretraining
 
 

@@ -3,6 +3,7 @@
     python evaluate.py run --model DIR_OR_ID --bench PATH --splits image_mc,video_oe --out DIR
     python evaluate.py score --predictions P.jsonl --mode mc --out S.json
     python evaluate.py instructions --model DIR --tasks multiinstruct.jsonl --templates T.json --out DIR
+    python evaluate.py ask --model DIR --image photo.jpg --box 1:40,60,200,310 "What is [1] holding?"
 
 Multiple choice: the letter a free-form answer chose (`extract_choice`); an answer with no letter counts
 as wrong and is counted (the official scorer drops it from the denominator, which inflates scores).
@@ -10,7 +11,9 @@ Open-ended: an LLM judge scores 0..1 against the reference through annotate.py's
 a judge, an offline proxy (token F1 x [ID] agreement) is reported under its own name.
 """
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -21,7 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 import data
-from som import named_ids
+from som import MarkStyle, frame_files, instance_key, instance_mask, named_ids, open_image, render_som
+
+NUM_FRAMES = 8  # frames sampled per video by `run` and `ask`
+log = logging.getLogger("evaluate")
 # INST-IT paper, Table 2 (a split left out: not reported).
 PUBLISHED = {
     "GPT-4o": {"image_oe": 74.1, "image_mc": 84.8, "video_oe": 65.5, "video_mc": 81.0},
@@ -253,11 +259,12 @@ def judge_client(args):
 # ---------------------------------------------------------------------------------------------------
 # Running a model on the bench.
 
+VIDEO_FRAMES = "The video has {n} frames, <1> to <{n}>. "  # how a question about a video names its times <t>
 BENCH_PROMPTS = {  # the bench's answer conventions (INST-IT App. B)
     "mc": "{question}\n{options}\nAnswer with the option's letter from the given choices directly.",
     "image_oe": "{question}\nAnswer in a sentence. Refer to instances by their IDs in brackets, e.g. [1].",
-    "video_oe": "The video has {n} frames, <1> to <{n}>. {question}\nAnswer in a sentence. Refer to instances "
-                "by their IDs in brackets, e.g. [1], and to times as <t> or <s>-<e>.",
+    "video_oe": VIDEO_FRAMES + "{question}\nAnswer in a sentence. Refer to instances by their IDs in brackets, "
+                               "e.g. [1], and to times as <t> or <s>-<e>.",
 }
 
 
@@ -274,15 +281,16 @@ def bench_sample(question: dict, num_frames: int) -> dict:
 
 
 def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 256,
-                     desc: str = "generate") -> list[str]:
-    """Prompt samples -> decoded answers, in left-padded batches (greedy)."""
+                     desc: str = "generate", **sampling) -> list[str]:
+    """Prompt samples -> decoded answers, in left-padded batches: greedy, or `sampling` (do_sample, temperature,
+    top_p, streamer) as model.generate takes it."""
     answers = []
-    for k in tqdm(range(0, len(samples), batch_size), desc=desc):
+    for k in tqdm(range(0, len(samples), batch_size), desc=desc, disable=len(samples) <= batch_size):
         encoded = [data.encode_sample(s, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
                    for s in samples[k:k + batch_size]]
         batch = data.collate(encoded, model.tokenizer.pad_token_id, padding_side="left")
         batch = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in batch.items() if key != "labels"}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling)
         answers += [a.strip() for a in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
     return answers
 
@@ -356,6 +364,114 @@ def evaluate_instructions(model, tasks: str, templates: str, media_root=None, ba
 
 
 # ---------------------------------------------------------------------------------------------------
+# Ask: one question about your own image or video, marks drawn from your masks or boxes.
+
+def parse_box(spec: str) -> tuple[str, list[float]]:
+    """--box "2:40,60,200,310" -> ("2", [40.0, 60.0, 200.0, 310.0]): an instance ID and its box in pixels."""
+    instance, _, numbers = spec.partition(":")
+    try:
+        box = [float(v) for v in numbers.split(",")]
+    except ValueError:
+        box = []
+    if not instance.strip().isdigit() or len(box) != 4 or box[0] >= box[2] or box[1] >= box[3]:
+        raise SystemExit(f"--box {spec!r}: expected ID:x0,y0,x1,y1 in pixels, with x0 < x1 and y0 < y1")
+    return instance_key(instance), box
+
+
+def ask_frames(image: str | None, video: str | None, num_frames: int) -> tuple[list, list[str]]:
+    """--image FILE, or --video (a video file or a frame folder) -> (frames, their names), sampled as `run` samples
+    a bench video. Names key --masks: a folder's file names; a video file's frames by source index, 00012.jpg
+    (as annotate.py names them)."""
+    if image:
+        return [open_image(image)], [os.path.basename(image)]
+    frames, index = data.sample_frames(video, num_frames)
+    if os.path.isdir(video):
+        return frames, [frame_files(video)[i] for i in index]
+    return frames, [f"{i:05d}.jpg" for i in index]
+
+
+def draw_marks(frames: list, names: list[str], masks: dict, boxes: dict, style: MarkStyle, video: bool):
+    """Frames + masks ({ID: mask | box | polygon} for an image; {frame name: {ID: ...}} for a video) + boxes (the
+    same on every frame) -> (frames with Set-of-Marks drawn in `style`, the IDs drawn on any of them)."""
+    marked, drawn, places = [], set(), {}  # one label place per ID across the frames (som.render_som)
+    for name, frame in zip(names, frames):
+        instances = {**((masks.get(name) or {}) if video else masks), **boxes}
+        marked.append(render_som(frame, instances, style, label_places=places))
+        drawn |= {int(instance_key(i)) for i, spec in instances.items() if instance_mask(spec, frame.size, i).any()}
+    return marked, drawn
+
+
+def ask(model, frames: list, history: list[dict], question: str, video: bool, streamer=None, **sampling) -> str:
+    """Marked frames + the chat so far + a question -> the model's answer. The frames go with the first question
+    (a video's as VIDEO_FRAMES says, so <t> means the t-th); later turns keep them in the context."""
+    if not history:
+        question = "<image>\n" + (VIDEO_FRAMES.format(n=len(frames)) if video else "") + question
+    history.append({"role": "user", "content": question})
+    sample = {"id": "ask", "visuals": [{"frames": frames, "pooled": video}], "messages": history}
+    answer = generate_answers(model, [sample], 1, streamer=streamer, **sampling)[0]
+    history.append({"role": "assistant", "content": answer})
+    return answer
+
+
+def next_question(chat: bool) -> str:
+    """--chat: the next line typed on stdin ("" at an empty line or the end); otherwise ""."""
+    if not chat:
+        return ""
+    print("> ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip()
+
+
+def ask_main(args) -> dict:
+    """`evaluate.py ask`: inputs checked before the model loads, marks drawn in the checkpoint's style, the answer
+    streamed to stdout (--json: one JSON object and nothing else); --chat reads further questions from stdin."""
+    from transformers import TextStreamer
+
+    from model import LlavaStyleModel
+
+    try:  # every input is read and checked before the model loads
+        frames, names = ask_frames(args.image, args.video, args.num_frames)
+        masks = data.read_json(args.masks) if args.masks else {}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"evaluate.py ask: {e}")
+    boxes = dict(parse_box(spec) for spec in args.box)
+    for i, (x0, y0, x1, y1) in boxes.items():
+        w, h = frames[0].size
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise SystemExit(f"--box {i}:{x0:g},{y0:g},{x1:g},{y1:g} lies outside the {w}x{h} frame {names[0]}")
+    video = args.video is not None
+    if masks and video and not set(masks) & set(names):
+        log.warning("%s: no key names a sampled frame (%s, ...): a video's masks are keyed by frame file name, "
+                    "or by source index as 00012.jpg", args.masks, ", ".join(names[:3]))
+    model = LlavaStyleModel.from_pretrained(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {}))
+    model.eval()
+    style = MarkStyle(**(args.mark_style if args.mark_style is not None else model.cfg.mark_style or {}))
+    marked, drawn = draw_marks(frames, names, masks, boxes, style, video)
+    if args.save_marked:
+        os.makedirs(args.save_marked, exist_ok=True)
+        for name, frame in zip(names, marked):
+            frame.save(os.path.join(args.save_marked, os.path.splitext(name)[0] + ".png"))
+    sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+                "temperature": args.temperature or 1.0, "top_p": args.top_p}
+    streamer = None if args.json else TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history, turns, question = [], [], args.question or next_question(args.chat)
+    if not question:
+        raise SystemExit("evaluate.py ask: give a question (or --chat and type one)")
+    while question:
+        if named_ids(question) - drawn:
+            log.warning("the question names %s, not drawn on the frames (drawn: %s)", " ".join(
+                f"[{i}]" for i in sorted(named_ids(question) - drawn)), " ".join(f"[{i}]" for i in sorted(drawn)))
+        turns.append({"question": question, "answer": ask(model, marked, history, question, video, streamer,
+                                                          **sampling)})
+        question = next_question(args.chat)
+    result = {"model": args.model, "media": args.image or args.video, "frames": names, "marks": sorted(drawn),
+              "turns": turns, "settings": {"num_frames": args.num_frames, "mark_style": dataclasses.asdict(style),
+                                           **sampling}}
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
 # Command line.
 
 def main(argv=None):
@@ -364,20 +480,42 @@ def main(argv=None):
     run = sub.add_parser("run", help="generate answers on INST-IT Bench splits and score them")
     score = sub.add_parser("score", help="re-score an existing predictions file (official shape)")
     instr = sub.add_parser("instructions", help="MultiInstruct tasks under each instruction: Sensitivity")
-    for cmd in (run, instr):
+    ask_cmd = sub.add_parser("ask", help="ask a model about your own image or video, marks drawn from masks or boxes")
+    for cmd in (run, instr, ask_cmd):
         cmd.add_argument("--model", required=True, help="a train.py output (final/), merged or llava-hf checkpoint")
+    for cmd in (run, instr):
         cmd.add_argument("--media-root")
     run.add_argument("--bench", required=True, help="bench file or folder (data.load_instit_bench)")
     run.add_argument("--splits", default="image_mc,image_oe,video_mc,video_oe")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=256)
-    run.add_argument("--num-frames", type=int, default=8, help="frames sampled per bench video")
+    for cmd in (run, ask_cmd):
+        cmd.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames sampled per video")
     score.add_argument("--predictions", required=True)
     score.add_argument("--mode", choices=["mc", "oe"], required=True)
     instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
     instr.add_argument("--templates", required=True, help="JSON {task_name: [instruction templates]}")
     for cmd in (run, score, instr):
         cmd.add_argument("--out", required=True)
+    ask_cmd.add_argument("question", nargs="?", help="e.g. \"What does [2] do after <3>?\" (--chat: optional)")
+    media = ask_cmd.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="an image file")
+    media.add_argument("--video", help="a video file or a folder of frames")
+    ask_cmd.add_argument("--masks", help="JSON as som.py reads it: {ID: mask | box | polygon} for an image, {frame "
+                                         "file name: {ID: ...}} for a video (a video file's frames: 00012.jpg ...)")
+    ask_cmd.add_argument("--box", action="append", default=[], metavar="ID:x0,y0,x1,y1",
+                         help="a box mark in pixels, the same on every frame; repeat for several instances")
+    ask_cmd.add_argument("--mark-style", type=json.loads, metavar="JSON",
+                         help="som.MarkStyle fields, e.g. '{\"fill\": 0}' (default: the style the checkpoint "
+                              "records, else INST-IT's)")
+    ask_cmd.add_argument("--max-new-tokens", type=int, default=256)
+    ask_cmd.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    ask_cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
+    ask_cmd.add_argument("--load-in-4bit", action="store_true", help="the language model in nf4 (bitsandbytes)")
+    ask_cmd.add_argument("--chat", action="store_true", help="keep asking: each line on stdin is the next "
+                                                            "question, the marked frames stay in context")
+    ask_cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    ask_cmd.add_argument("--save-marked", metavar="DIR", help="write the marked frames the model saw to DIR")
     for cmd in (run, score):
         cmd.add_argument("--judge-base-url", help="OpenAI-compatible server for the OE judge (key: OPENAI_API_KEY)")
         cmd.add_argument("--judge-model", default="gpt-4o")
@@ -385,6 +523,8 @@ def main(argv=None):
         cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
     args = p.parse_args(argv)
     data.log_to_stderr()
+    if args.command == "ask":
+        return ask_main(args)
     if args.command == "score":
         predictions = load_predictions(args.predictions)
         result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))

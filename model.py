@@ -45,6 +45,7 @@ class ModelConfig:
     dtype: str = "auto"                   # weights: "auto" = bfloat16 on CUDA, float32 on CPU
     gradient_checkpointing: bool = False
     image_token: str = "<image>"
+    mark_style: dict | None = None        # som.MarkStyle fields of the marks the model was trained on (None: INST-IT's)
     # Resolved from the vision encoder by build_model; num_visual_tokens reads them.
     image_size: int = 0
     patch_size: int = 0
@@ -452,8 +453,9 @@ class LlavaStyleModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
-                 max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
-        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS."""
+                 max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0, streamer=None):
+        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS;
+        a transformers `streamer` (TextStreamer) receives the tokens as they come."""
         vocab = self.tokenizer.get_vocab()
         eos = [self.tokenizer.eos_token_id] + [vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab]
         sampling = (dict(temperature=temperature, top_p=top_p) if do_sample
@@ -462,7 +464,7 @@ class LlavaStyleModel(nn.Module):
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
-                                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **sampling)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def trained_state_dict(self) -> dict:

@@ -39,6 +39,11 @@ def open_image(source) -> Image.Image:
         raise ValueError(f"{name}: cannot read this image ({e}); the file is corrupt or not an image") from e
 
 
+def frame_files(folder: str) -> list[str]:
+    """The image files of a frame folder, in frame order ("frame_2" before "frame_10")."""
+    return sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
+
+
 def natural_key(name: str) -> list:
     """Sort key putting "frame_2" before "frame_10"."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -304,8 +309,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         raise SystemExit(f"{args.masks}: cannot read the masks ({e})")
     if os.path.isdir(args.source):
-        names = sorted((n for n in os.listdir(args.source) if n.lower().endswith(IMAGE_EXTS)), key=natural_key)
-        jobs = [(os.path.join(args.source, n), masks.get(n, {})) for n in names]
+        jobs = [(os.path.join(args.source, n), masks.get(n, {})) for n in frame_files(args.source)]
     else:
         jobs = [(args.source, masks)]
     os.makedirs(args.out, exist_ok=True)

@@ -102,8 +102,9 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
             p.add_argument(flag, action="append", metavar="PATH:RATIO", help=helps.get("data", ""))
         elif f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            p.add_argument(flag, type=f.type if f.type in (int, float) else str, help=text)
+        else:  # a dict field (mark_style) is given as JSON
+            kind = f.type if f.type in (int, float) else json.loads if "dict" in str(f.type) else str
+            p.add_argument(flag, type=kind, help=text)
     args = vars(p.parse_args(argv))
     given = dict(defaults or {})
     if args["config"]:
