@@ -6,30 +6,12 @@ dataset format (FORMATS.md):
     summarize_video  Y^vid = GPT(P^vid, [Y_1^f ... Y_N^f])   (Eq. 2) one chronological video caption
     generate_qa      Y^qa  = GPT(P^qa,  [Y_1^f ... Y_N^f])   (Eq. 3) open-ended question-answer pairs
 `syphus` turns annotations into MIMIC-IT instruction/answer pairs from a task (system message + in-context
-examples) and `translate` translates them. Prompts live in PROMPTS; PROMPT_VERSION is in every cache key.
-Read top to bottom: the prompts and Eq. 1-3, the pipeline over a dataset, the client, the command line.
-
-The client, shared with evaluate.py's judge:
-    client = LLMClient(base_url, model, cache_path, json_mode=False, max_retries=5, timeout=120.0)
-    answer = client.complete_json(messages, schema, validate=fn)  # a dict, or raises LLMError
-    client.requests, .cached, .failed, .prompt_tokens, .completion_tokens, .cost, .progress()
-- any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp) through the `openai` SDK, which retries 429,
-  5xx and timeouts with backoff; the key comes from OPENAI_API_KEY and is never printed or written;
-- a strict JSON-schema answer, or with `json_mode=True` a JSON object (schema in the prompt), checked here;
-- `validate(answer)` raises ValueError(reason) for a wrong answer: the request is repeated with the reason
-  (`answer_retries` times), then the failure is recorded and LLMError raised;
-- each request is cached in an append-only JSONL under sha256(prompt version, request with images hashed): a
-  re-run sends no request whose answer was used, and sends the failed ones again;
-- `batch_file=`: uncached requests go to an OpenAI Batch API file (custom_id = cache key) instead of the
-  server; `import_batch_results(path)` reads the Batch API's output file into the cache.
-
-CLI. Beside OUT.json: OUT.cache.jsonl (the cache) and OUT_som/ (the SoM frames its records point to), so
-`data.load_instit_dataset("OUT.json")` reads it.
+examples) and `translate` translates them. Read top to bottom: the prompts and Eq. 1-3, the pipeline over a
+dataset, the client (`LLMClient`, shared with evaluate.py's judge), the command line:
     python annotate.py --input IN.json --media-root DIR --out OUT.json --base-url URL --model NAME
-                       [--workers 8] [--num-frames 8] [--json-mode] [--batch-file REQ.jsonl] ...
     python annotate.py review OUT.json    # OUT.html: each SoM frame beside its annotations
-    python annotate.py syphus --input OUT.json --out PAIRS.json --base-url URL --model NAME
-                       [--prompts TASK.json] [--languages Chinese,Spanish]
+    python annotate.py syphus --input OUT.json --out PAIRS.json --base-url URL --model NAME [--languages ...]
+OUT.json sits beside OUT.cache.jsonl (every answer, so a re-run pays nothing twice) and OUT_som/ (its frames).
 """
 import argparse
 import base64
@@ -50,7 +32,7 @@ import openai
 from tqdm import tqdm
 
 import data
-from som import MarkStyle, instance_key, instance_mask, named_ids, natural_key, open_image, render_som
+from som import MarkStyle, instance_mask, named_ids, natural_key, open_image, render_som
 
 PROMPT_VERSION = "instit-a2-v1"
 _RULES = ("Instances are marked with numeric IDs (Set-of-Marks): each ID is drawn on its instance, and an "
@@ -239,29 +221,6 @@ def translate(client, pairs, language):
     return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
 
 
-def check_record(rec):
-    """Raise ValueError, naming record and frame, where an INST-IT dataset record names an [ID] not marked on that
-    frame (a key of its `segmentations`; without them, any ID captioned in the record) or a <t> it does not
-    have: the checks every Eq. 1-3 answer passed, for annotations written another way (an oracle) to pass too."""
-    frames, _ = record_frames(rec)
-    segs = rec.get("segmentations")
-    captioned = {int(i) for f in frames for k in f["instance_level"] for i in instance_key(k).split(",")}
-    drawn = [captioned if segs is None else
-             {int(i) for i in (segs if "image_path" in rec else segs.get(f["frame_name"], {}))} for f in frames]
-    for f, ids, prev in zip(frames, drawn, [set()] + drawn):  # prev: the IDs drawn on the frame before
-        try:
-            check_refs(annotations_text([{**f, "timestamp": None, "temporal_change": None}]), ids)
-            check_refs(f.get("temporal_change") or "", ids | prev)
-        except ValueError as e:
-            raise ValueError(f"{record_name(rec)} frame {f.get('frame_name', rec.get('image_path'))}: {e}") from None
-    texts = [rec.get("video_level_caption") or ""]
-    texts += [" ".join(qa.values()) for qa in rec.get("question_answer_pairs", [])]
-    try:
-        check_refs("\n".join(texts), set().union(*drawn), {f["timestamp"] for f in frames} - {None})
-    except ValueError as e:
-        raise ValueError(f"{record_name(rec)} video caption or QA: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------------
 # The pipeline: IN.json records -> SoM frames -> Eq. 1-3 -> INST-IT records.
 
@@ -433,7 +392,12 @@ def _read_jsonl(path):
 
 
 class LLMClient:
-    """One OpenAI-compatible chat client with a request cache, JSON answers and usage counters."""
+    """One OpenAI-compatible chat client (OpenAI, vLLM, Ollama, llama.cpp through the `openai` SDK, which retries
+    429, 5xx and timeouts): `complete_json(messages, schema, validate)` -> a dict fitting the schema (strict
+    JSON-schema output, or `json_mode` for servers without) that `validate` accepts, the reason re-asked
+    `answer_retries` times, else LLMError. Every request is cached by its hash (prompt version, request with
+    images hashed) in an append-only JSONL, failures too, so a re-run sends only what is missing; `batch_file`
+    collects them for the Batch API instead. The key comes from OPENAI_API_KEY and is never printed or written."""
 
     def __init__(self, base_url, model, cache_path=None, *, json_mode=False, max_retries=5, timeout=120.0,
                  answer_retries=2, image_detail="auto", max_image_side=768, price_per_mtok=(2.5, 10.0),

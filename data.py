@@ -1,9 +1,8 @@
 """Everything between raw media and a batch the model eats (INST-IT 2.4; MIMIC-IT; MultiInstruct).
 
-Read top to bottom in the order data flows: frames (videos and frame folders), then frames to tokens (pixels,
-chat template, assistant-only labels, `<image>` expanded to `num_visual_tokens` copies, collation, the mixture
-sampler), then the files and published formats that become conversations (FORMATS.md). Set-of-Marks drawing
-lives in som.py; data.py calls it when a sample carries masks.
+Read top to bottom in the order data flows: frames (videos, frame folders), frames to tokens (pixels, chat
+template, assistant-only labels, `<image>` expanded to `num_visual_tokens` copies, collation), then the files
+and formats that become conversations (FORMATS.md). Marks are drawn by som.py; the mixture is train.py's.
 
 A conversation ("sample") is a plain dict, the unit every loader returns and `encode_sample` reads:
     {"id": str, "source": str,
@@ -16,10 +15,8 @@ The i-th `<image>` placeholder in the messages is the i-th visual. A visual is 2
 """
 import argparse
 import base64
-import itertools
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -225,11 +222,9 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
     """A sample -> {"input_ids": (L,), "labels": (L,), "pixel_values": (F, 3, S, S) | None, "visual_frames":
     [frames per visual], "visual_pooled": [bool], "id"}: the chat template applied, labels on assistant
     tokens only, each `<image>` expanded to num_visual_tokens(cfg, frames, pooled) image tokens.
-
-    Longer than `max_length` (INST-IT's 6K): trailing text-only turns are dropped, then the text after the
-    last visual token is cut; a sample that still does not fit (or would keep no assistant token) is
-    dropped: None, with the reason logged. `add_generation_prompt=True` encodes a prompt for generation
-    (ends with a user turn; no labels)."""
+    Longer than `max_length` (INST-IT's 6K): trailing text-only turns go, then the text after the last visual
+    token; a sample that still does not fit is dropped (None, the reason logged). `add_generation_prompt=True`
+    encodes a prompt (ending with a user turn; no labels)."""
     name = sample.get("id", "?")
     visuals = sample.get("visuals", [])
     try:
@@ -336,69 +331,6 @@ class InstructionDataset(torch.utils.data.Dataset):
         return out
 
 
-class MixtureSampler(torch.utils.data.Sampler):
-    """Batches of indices into ConcatDataset(sources), sources drawn by ratio and batches grouped by length:
-    INST-IT data mixed with general and text-only data (INST-IT 2.4, MultiInstruct's mixed tuning).
-
-    `lengths[s][i]`: estimated length of sample i of source s (InstructionDataset.lengths); a yielded index
-    is offsets[s] + i, as ConcatDataset numbers them. Each batch slot draws its source with probability
-    ratios[s]; a source gives its samples in a fresh seeded permutation per pass. Slots come in groups of
-    `batch_size * group` sorted by length and cut into batches whose order is then shuffled, so a batch
-    holds similar lengths (little padding). The stream is a pure function of the arguments (a seeded
-    torch.Generator, no global seed): `start_batch=k` yields exactly batches k.. of an uninterrupted run,
-    which is how training resumes. `num_batches` defaults to one pass over all samples."""
-
-    def __init__(self, lengths: list[list[int]], ratios: list[float], batch_size: int, seed: int = 0,
-                 group_by_length: bool = True, num_batches: int | None = None, start_batch: int = 0, group: int = 64):
-        if len(ratios) != len(lengths) or any(r < 0 for r in ratios) or not sum(ratios) > 0:
-            raise ValueError(f"ratios {ratios} must be one non-negative number per source ({len(lengths)}), not all 0")
-        if any(r > 0 and not n for r, n in zip(ratios, lengths)):
-            raise ValueError(f"a source with ratio > 0 is empty (sizes {[len(n) for n in lengths]})")
-        self.lengths = [n for source in lengths for n in source]
-        self.offsets = [0] + list(itertools.accumulate(len(n) for n in lengths))[:-1]
-        self.sizes, self.ratios = [len(n) for n in lengths], ratios
-        self.batch_size, self.seed, self.group_by_length, self.group = batch_size, seed, group_by_length, group
-        self.num_batches = num_batches or math.ceil(len(self.lengths) / batch_size)
-        self.start_batch = start_batch
-
-    def __len__(self):
-        return max(0, self.num_batches - self.start_batch)
-
-    def __iter__(self):
-        return itertools.islice(self.stream(), self.start_batch, self.num_batches)
-
-    def stream(self):
-        """The endless batch stream; __iter__ is a slice of it."""
-        g = torch.Generator().manual_seed(self.seed)
-        probs = torch.tensor(self.ratios, dtype=torch.float64)
-        orders, used = [[] for _ in self.sizes], [0] * len(self.sizes)
-        while True:
-            picks = []
-            for s in torch.multinomial(probs, self.batch_size * self.group, replacement=True, generator=g).tolist():
-                if used[s] == len(orders[s]):  # a new pass over source s
-                    orders[s], used[s] = torch.randperm(self.sizes[s], generator=g).tolist(), 0
-                picks.append(self.offsets[s] + orders[s][used[s]])
-                used[s] += 1
-            if self.group_by_length:
-                picks.sort(key=lambda i: self.lengths[i])
-            batches = [picks[k:k + self.batch_size] for k in range(0, len(picks), self.batch_size)]
-            for k in torch.randperm(len(batches), generator=g).tolist():
-                yield batches[k]
-
-    def source_of(self, index: int) -> int:
-        """The source a yielded index belongs to."""
-        return max(s for s, offset in enumerate(self.offsets) if offset <= index and self.sizes[s])
-
-    def padded_fraction(self, batches=None) -> float:
-        """Fraction of padded tokens (by estimated lengths) over `batches`, default this sampler's batches."""
-        padded = total = 0
-        for batch in batches if batches is not None else self:
-            width = max(self.lengths[i] for i in batch)
-            padded += sum(width - self.lengths[i] for i in batch)
-            total += width * len(batch)
-        return padded / max(total, 1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Files: JSON in, JSON out, figures.
 
@@ -501,10 +433,8 @@ def media_path(root: str, relative: str, check: bool, field: str) -> str:
 
 def record_label(index, record, *id_fields) -> str:
     """How a record is named in messages: its position and, when it has one, its ID."""
-    for f in id_fields:
-        if isinstance(record, dict) and record.get(f) is not None:
-            return f"#{index} ({f} {record[f]})"
-    return f"#{index}"
+    named = [f for f in id_fields if isinstance(record, dict) and record.get(f) is not None]
+    return f"#{index} ({named[0]} {record[named[0]]})" if named else f"#{index}"
 
 
 def convert_records(file: str, records, convert, *id_fields) -> list:
@@ -527,6 +457,7 @@ def convert_records(file: str, records, convert, *id_fields) -> list:
         log.warning("%s: skipped %d of %d records (%s)", file, sum(skipped.values()), len(records), reasons)
     return out
 
+
 def normalize_text(text: str) -> str:
     """Fix the released data's known quirks: ID lists `[3, 4]` -> `[3] [4]`, zero-padded `[01]` -> `[1]` and
     `<05>` -> `<5>`. `<0>` has no meaning in 1-based time and is kept as written."""
@@ -535,17 +466,13 @@ def normalize_text(text: str) -> str:
     return re.sub(r"<0+([1-9]\d*)>", r"<\1>", text)
 
 
-
-def load_instit_dataset(path: str, media_root: str | None = None, check_media: bool = True) -> list[dict]:
-    """An INST-IT Dataset JSON, video or image part, with or without masks -> normalised records
-    {"id", "file", "frames": [{"timestamp", "path", "instances": {id: caption}, "image_level",
-    "temporal_change", "masks": {id: RLE | box} | None}], "video_caption", "qa": [(question, answer)]}.
-    An image is a one-frame video. Frames are sorted by timestamp; <t> in the text is the t-th of them.
-    `media_root` (default: the JSON's folder) holds `video_path` / `image_path`."""
-    return _instit_records(read_json(path), path, media_root, check_media)
-
-
-def _instit_records(records, path, media_root, check_media):
+def load_instit_dataset(path: str, media_root: str | None = None, check_media: bool = True,
+                        records: list | None = None) -> list[dict]:
+    """An INST-IT Dataset JSON, video or image part (an image is a one-frame video), with or without masks ->
+    records {"id", "file", "frames": [{"timestamp", "path", "instances": {id: caption}, "image_level",
+    "temporal_change", "masks": {id: RLE | box} | None}] sorted by timestamp, "video_caption", "qa": [(q, a)]}.
+    `records`: the file's content when already read."""
+    records = read_json(path) if records is None else records
     media_root = media_root if media_root is not None else os.path.dirname(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of INST-IT records, got {type(records).__name__}")
@@ -606,11 +533,9 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
     """A normalised INST-IT record -> its instruction conversations, the four kinds of INST-IT 2.4:
     1. each frame: "describe each marked instance" -> instance captions; "describe the image" -> its caption;
     2. each two consecutive frames with a temporal change: "what changed" -> the change;
-    3. all annotated frames: "describe the video" -> the video-level caption;
-    4. all annotated frames: the QA pairs as one multi-turn chat.
-    `draw_marks=True`: the frames are raw and the record's masks are drawn with render_som when the sample
-    is loaded (False: the frames already carry marks, as the released *_vpt folders do). Where masks are
-    known, a conversation naming an [ID] that is not marked on its frames is skipped with a warning."""
+    3. all annotated frames: "describe the video" -> the video caption; 4. the QA pairs as one multi-turn chat.
+    `draw_marks=True`: raw frames, the masks drawn when loaded (False: marked frames, as the released *_vpt
+    folders are). A conversation naming an [ID] its frames' masks do not mark is skipped with a warning."""
     out, frames = [], record["frames"]
 
     def add(kind, shown, turns):
@@ -626,15 +551,10 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
                                    " ".join(f"[{i}]" for i in sorted(unmarked, key=int)))
         if len(shown) > max_frames:
             return log.warning("%s: %d frames, more than max_frames=%d (skipped)", where, len(shown), max_frames)
-        messages = []
-        for k, (question, answer) in enumerate(turns):
-            messages += [{"role": "user", "content": (PLACEHOLDER + "\n" if k == 0 else "") + question},
-                         {"role": "assistant", "content": answer}]
         visual = {"frames": [f["path"] for f in shown], "pooled": len(shown) > 1}
         if draw_marks:
             visual["masks"] = [f["masks"] for f in shown]
-        out.append({"id": f"{record['id']} {kind}", "source": record["file"], "visuals": [visual],
-                    "messages": messages})
+        out.append(conversation(f"{record['id']} {kind}", record["file"], [visual], turns))
 
     for f in frames:
         turns = []
@@ -658,15 +578,10 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
 
 
 def load_instit_bench(path, splits=None, media_root: str | None = None, check_media: bool = True) -> list[dict]:
-    """INST-IT Bench -> questions {"question_id", "split", "question", "options": {"A": text, ...} | None,
-    "answer" (MC: the letter; OE: the reference text), "media", "file"}.
-
-    `path`: a flat JSON/JSONL copy, a folder of them (or of the hub's parquet files, with pyarrow), or a list
-    of records (e.g. a `datasets` split). Options may be choice_a..choice_d or an `options` dict/list. The
-    split ("image_mc", "image_oe", "video_mc", "video_oe"; the hub names work too) follows from the record:
-    video_path -> video, options -> multiple choice; a file named *multi_choice* / *open_ended* must agree.
-    `media`: the image (PIL image, bytes or path) or the video's frame folder, relative paths under
-    `media_root` (default: the file's folder)."""
+    """INST-IT Bench in any shape FORMATS.md lists (a flat JSON/JSONL, a folder of them or of the hub's parquet
+    files, a list of records) -> questions {"question_id", "split", "question", "options": {"A": text, ...} |
+    None, "answer" (MC: the letter; OE: the reference), "media" (image or frame folder), "file"}. The split follows
+    from the record (video_path: video; options: MC); a file named *multi_choice* / *open_ended* must agree."""
     short = {hub: name for name, hub in BENCH_SPLITS.items()}
     wanted = None if splits is None else {short.get(s, s) for s in splits}
     if wanted and not wanted <= set(BENCH_SPLITS):
@@ -732,22 +647,21 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _single_turn(sample_id, source, visuals, question, answer) -> dict:
-    """One user question with its visuals' placeholders, one answer."""
-    prefix = "".join(PLACEHOLDER + "\n" for _ in visuals)
-    return {"id": sample_id, "source": source, "visuals": visuals,
-            "messages": [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]}
+def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
+    """[(question, answer), ...] -> a sample, its visuals' placeholders before the first question."""
+    messages = []
+    for k, (question, answer) in enumerate(turns):
+        prefix = "".join(PLACEHOLDER + "\n" for _ in visuals) if k == 0 else ""
+        messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+    return {"id": sample_id, "source": source, "visuals": visuals, "messages": messages}
 
 
-def load_llava(path: str, media_root: str | None = None, check_media: bool = True) -> list[dict]:
-    """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in) -> samples. `image` may be
-    absent (text-only), a path or a list of paths (one `<image>` each, pooled), or `video` a video file or frame
-    folder (sampled to cfg.max_frames when loaded). Placeholders missing from the text go before the first
-    user turn, as LLaVA does."""
-    return _llava_records(read_json(path), path, media_root, check_media)
-
-
-def _llava_records(records, path, media_root, check_media):
+def load_llava(path: str, media_root: str | None = None, check_media: bool = True,
+               records: list | None = None) -> list[dict]:
+    """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in; `records`: its content when
+    already read) -> samples: text-only, one image, several (pooled) or a video; placeholders missing from the
+    text go before the first user turn."""
+    records = read_json(path) if records is None else records
     root = media_root if media_root is not None else os.path.dirname(path)
 
     def convert(rec):
@@ -778,11 +692,9 @@ def _llava_records(records, path, media_root, check_media):
 
 
 def load_mimicit(instructions: str, images: str, train_config: str | None = None) -> list[dict]:
-    """MIMIC-IT `<name>_instructions.json` + its base64 images (JSON id -> base64, or parquet with a `base64`
-    column, with pyarrow) -> in-context samples: the in-context examples (`rel_ins_ids`, or the train-config
-    file's ins_id -> [ids], whose keys are then the queries) then the query, each chunk `<image> instruction`
-    -> answer, all answers supervised. An instruction's images form one visual (several ids: a video's frames
-    or an image pair); a sample with several chunks pools every visual (several visuals)."""
+    """MIMIC-IT instructions + their base64 images (FORMATS.md) -> in-context samples: the in-context examples
+    (`rel_ins_ids`, or the train config's ins_id -> [ids]) then the query, each chunk `<image> instruction` ->
+    answer, all answers supervised; an instruction's images are one visual, pooled when the sample has several."""
     data = read_json(instructions)
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
         raise ValueError(f"{instructions}: expected MIMIC-IT {{'meta': ..., 'data': {{ins_id: ...}}}}")
@@ -826,11 +738,10 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
 
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
                        template_index: int | None = None, check_media: bool = True) -> list[dict]:
-    """MultiInstruct .jsonl instances + {task_name: [5 instruction templates]} (a dict or a JSON file) ->
-    samples. Each instance is written with one of its task's templates, drawn uniformly with a generator
-    seeded by `seed` (or template `template_index` for all, as the Sensitivity evaluation needs). Templates
-    are str.format strings over the instance's fields ({question}, {text}, {region}); regions are written as
-    text (several joined by "||||"); options follow as "\\n\\n[Options]: a||||b", as MultiInstruct does."""
+    """MultiInstruct .jsonl instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples,
+    each written with one of its task's templates drawn with a generator seeded by `seed` (or template
+    `template_index` for all, as Sensitivity needs): str.format over the instance's fields, regions as text
+    (several joined by "||||"), options after "\\n\\n[Options]: ", as MultiInstruct does."""
     if isinstance(templates, str):
         templates = read_json(templates)
     root = media_root if media_root is not None else os.path.dirname(path)
@@ -857,7 +768,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         if not isinstance(target, str):
             raise RecordError("target_txt", "missing")
         visual = {"frames": [media_path(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
-        return [_single_turn(str(rec.get("unique_id", "?")), path, [visual], instruction, target)]
+        return [conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)])]
 
     return convert_records(path, read_json(path), convert, "unique_id")
 
@@ -891,7 +802,7 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
                 raise RecordError("output", "empty")
             prompt = (f"{definition}{examples}\n\nNow complete the following example.\n"
                       f"Input: {required(instance, 'input')}\nOutput:")
-            return [_single_turn(str(instance.get("id", "?")), file, [], prompt.strip(), output)]
+            return [conversation(str(instance.get("id", "?")), file, [], [(prompt.strip(), output)])]
 
         samples += convert_records(file, task["Instances"], convert, "id")
     return samples
@@ -899,10 +810,9 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
 
 def load_conversations(path: str, media_root: str | None = None, images: str | None = None, templates=None,
                        draw_marks: bool = False, max_frames: int = 32, seed: int = 0) -> list[dict]:
-    """Any supported data file -> samples, the format read from the file's shape: a .jsonl is MultiInstruct
-    (needs `templates`); with `images`, MIMIC-IT; a folder or a dict with `Instances` is Natural
-    Instructions; a list of records with `conversations` is LLaVA; with `frame_level_caption` or
-    `image_path` it is the INST-IT Dataset (-> the four conversation kinds). train.py's `--data` uses this."""
+    """Any supported data file -> samples, the format read from the file's shape (FORMATS.md): a .jsonl is
+    MultiInstruct (needs `templates`); with `images`, MIMIC-IT; a folder or a dict with `Instances`, Natural
+    Instructions; records with `conversations`, LLaVA; else the INST-IT Dataset. train.py's `--data` uses this."""
     if os.path.isdir(path):
         return load_natural_instructions(path)
     if path.endswith(".jsonl"):
@@ -922,9 +832,9 @@ def load_conversations(path: str, media_root: str | None = None, images: str | N
         return load_mimicit(path, images)
     first = records[0] if isinstance(records, list) and records and isinstance(records[0], dict) else {}
     if "conversations" in first:
-        return _llava_records(records, path, media_root, True)
+        return load_llava(path, media_root, records=records)
     if "frame_level_caption" in first or "image_path" in first:
-        return [s for r in _instit_records(records, path, media_root, True)
+        return [s for r in load_instit_dataset(path, media_root, records=records)
                 for s in instit_conversations(r, max_frames, draw_marks)]
     raise ValueError(f"{path}: not a format data.py reads (INST-IT, LLaVA, MIMIC-IT, MultiInstruct, Natural "
                      "Instructions; see FORMATS.md)")
@@ -948,11 +858,10 @@ def main(argv=None):
     log_to_stderr()
     samples = load_conversations(args.path, args.media_root, args.images, args.templates)
     print(f"{args.path}: {len(samples)} conversations")
-    shown = lambda x: x if isinstance(x, str) else f"<{len(x)} bytes>" if isinstance(x, bytes) else "<image>"
-    for s in samples[:args.n]:
-        visuals = [{k: [shown(f) for f in v] if k == "frames" else v for k, v in visual.items() if k != "masks"}
-                   for visual in s["visuals"]]
-        print(json.dumps(dict(s, visuals=visuals), indent=1, ensure_ascii=False))
+    for s in samples[:args.n]:  # frames given as bytes or images print as a placeholder, masks not at all
+        visuals = [{k: v for k, v in visual.items() if k != "masks"} for visual in s["visuals"]]
+        print(json.dumps(dict(s, visuals=visuals), indent=1, ensure_ascii=False,
+                         default=lambda x: f"<{len(x)} bytes>" if isinstance(x, bytes) else "<image>"))
 
 
 if __name__ == "__main__":

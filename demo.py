@@ -37,7 +37,7 @@ import data
 import evaluate
 import train
 from model import LlavaStyleModel, image_normalization
-from som import MarkStyle, decode_rle, open_image, render_som
+from som import MarkStyle, decode_rle, instance_key, open_image, render_som
 
 # Training settings under the demo (train.py flags still override them): a tiny model trained from scratch on a
 # CPU. Its ViT is pretrained first (pretrain_vision), then frozen but for its last layer, as LLaVA-style runs
@@ -296,6 +296,29 @@ def oracle_record(rec, media_root, som_dir, seed=0, style=DEMO_MARKS):
             "segmentations": {name: rec["segmentations"].get(name, {}) for name, _, _ in rendered}}
 
 
+def check_record(rec):
+    """Raise ValueError, naming record and frame, where an INST-IT dataset record names an [ID] not marked on that
+    frame (a key of its `segmentations`; without them, any ID captioned in the record) or a <t> it does not
+    have: the checks every GPT answer passes in annotate.py (check_refs), for the oracle's records to pass too."""
+    frames, _ = annotate.record_frames(rec)
+    segs = rec.get("segmentations")
+    captioned = {int(i) for f in frames for k in f["instance_level"] for i in instance_key(k).split(",")}
+    drawn = [captioned if segs is None else
+             {int(i) for i in (segs if "image_path" in rec else segs.get(f["frame_name"], {}))} for f in frames]
+    for f, ids, prev in zip(frames, drawn, [set()] + drawn):  # prev: the IDs drawn on the frame before
+        try:
+            annotate.check_refs(annotate.annotations_text([{**f, "timestamp": None, "temporal_change": None}]), ids)
+            annotate.check_refs(f.get("temporal_change") or "", ids | prev)
+        except ValueError as e:
+            raise ValueError(f"{annotate.record_name(rec)} frame {f.get('frame_name', rec.get('image_path'))}: {e}") from None
+    texts = [rec.get("video_level_caption") or ""]
+    texts += [" ".join(qa.values()) for qa in rec.get("question_answer_pairs", [])]
+    try:
+        annotate.check_refs("\n".join(texts), set().union(*drawn), {f["timestamp"] for f in frames} - {None})
+    except ValueError as e:
+        raise ValueError(f"{annotate.record_name(rec)} video caption or QA: {e}") from None
+
+
 def reading_data(records: list[dict], world, som: bool) -> list[dict]:
     """The reading stage's data: each instance of a training scene's first frame marked alone, asked "Which number
     is marked?" and then its colour, shape, size and position, one chat per instance, the frame saved in
@@ -452,6 +475,8 @@ def run_demo(demo, cfg: train.TrainConfig, overrides: dict) -> dict:
     else:
         records = [oracle_record(r, world, som, cfg.seed, DEMO_MARKS)
                    for r in tqdm(train_records, desc="annotate (oracle)")]
+        for r in records:  # what GPT's answers must pass, the oracle's must too
+            check_record(r)
     for r in bench_records:
         annotate.render_record(r, world, world / "bench_som", len(r["frames"]), DEMO_MARKS)
     if not demo.som:  # the model sees the raw frames

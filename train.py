@@ -174,7 +174,7 @@ def load_model(cfg: TrainConfig, overrides: dict, device) -> LlavaStyleModel:
 
 def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str, float]], num_shards=1):
     """Load each source (data.load_conversations reads the format from the file), wrap it lazily
-    (data.InstructionDataset) and mix them by ratio with batches grouped by length (data.MixtureSampler)."""
+    (data.InstructionDataset) and mix them by ratio with batches grouped by length (MixtureSampler)."""
     datasets = []
     for path, _ in sources:
         samples = data.load_conversations(path, cfg.media_root, templates=cfg.templates,
@@ -182,11 +182,74 @@ def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str
         if not samples:
             raise SystemExit(f"--data {path}: no usable samples")
         datasets.append(data.InstructionDataset(samples, model.tokenizer, model.cfg, cfg.max_length))
-    sampler = data.MixtureSampler([d.lengths() for d in datasets], [r for _, r in sources],
+    sampler = MixtureSampler([d.lengths() for d in datasets], [r for _, r in sources],
                                   cfg.batch_size * num_shards, seed=cfg.seed)
     print(f"data: {sum(map(len, datasets))} samples from {len(sources)} sources; one pass = {len(sampler)} "
           f"batches; estimated padded fraction {sampler.padded_fraction(itertools.islice(sampler, 200)):.1%}")
     return torch.utils.data.ConcatDataset(datasets), sampler
+
+
+class MixtureSampler(torch.utils.data.Sampler):
+    """Batches of indices into ConcatDataset(sources), sources drawn by ratio and batches grouped by length:
+    INST-IT data mixed with general and text-only data (INST-IT 2.4, MultiInstruct's mixed tuning).
+
+    `lengths[s][i]`: estimated length of sample i of source s (InstructionDataset.lengths); a yielded index
+    is offsets[s] + i, as ConcatDataset numbers them. Each batch slot draws its source with probability
+    ratios[s]; a source gives its samples in a fresh seeded permutation per pass. Slots come in groups of
+    `batch_size * group` sorted by length and cut into batches whose order is then shuffled, so a batch
+    holds similar lengths (little padding). The stream is a pure function of the arguments (a seeded
+    torch.Generator, no global seed): `start_batch=k` yields exactly batches k.. of an uninterrupted run,
+    which is how training resumes. `num_batches` defaults to one pass over all samples."""
+
+    def __init__(self, lengths: list[list[int]], ratios: list[float], batch_size: int, seed: int = 0,
+                 group_by_length: bool = True, num_batches: int | None = None, start_batch: int = 0, group: int = 64):
+        if len(ratios) != len(lengths) or any(r < 0 for r in ratios) or not sum(ratios) > 0:
+            raise ValueError(f"ratios {ratios} must be one non-negative number per source ({len(lengths)}), not all 0")
+        if any(r > 0 and not n for r, n in zip(ratios, lengths)):
+            raise ValueError(f"a source with ratio > 0 is empty (sizes {[len(n) for n in lengths]})")
+        self.lengths = [n for source in lengths for n in source]
+        self.offsets = [0] + list(itertools.accumulate(len(n) for n in lengths))[:-1]
+        self.sizes, self.ratios = [len(n) for n in lengths], ratios
+        self.batch_size, self.seed, self.group_by_length, self.group = batch_size, seed, group_by_length, group
+        self.num_batches = num_batches or math.ceil(len(self.lengths) / batch_size)
+        self.start_batch = start_batch
+
+    def __len__(self):
+        return max(0, self.num_batches - self.start_batch)
+
+    def __iter__(self):
+        return itertools.islice(self.stream(), self.start_batch, self.num_batches)
+
+    def stream(self):
+        """The endless batch stream; __iter__ is a slice of it."""
+        g = torch.Generator().manual_seed(self.seed)
+        probs = torch.tensor(self.ratios, dtype=torch.float64)
+        orders, used = [[] for _ in self.sizes], [0] * len(self.sizes)
+        while True:
+            picks = []
+            for s in torch.multinomial(probs, self.batch_size * self.group, replacement=True, generator=g).tolist():
+                if used[s] == len(orders[s]):  # a new pass over source s
+                    orders[s], used[s] = torch.randperm(self.sizes[s], generator=g).tolist(), 0
+                picks.append(self.offsets[s] + orders[s][used[s]])
+                used[s] += 1
+            if self.group_by_length:
+                picks.sort(key=lambda i: self.lengths[i])
+            batches = [picks[k:k + self.batch_size] for k in range(0, len(picks), self.batch_size)]
+            for k in torch.randperm(len(batches), generator=g).tolist():
+                yield batches[k]
+
+    def source_of(self, index: int) -> int:
+        """The source a yielded index belongs to."""
+        return max(s for s, offset in enumerate(self.offsets) if offset <= index and self.sizes[s])
+
+    def padded_fraction(self, batches=None) -> float:
+        """Fraction of padded tokens (by estimated lengths) over `batches`, default this sampler's batches."""
+        padded = total = 0
+        for batch in batches if batches is not None else self:
+            width = max(self.lengths[i] for i in batch)
+            padded += sum(width - self.lengths[i] for i in batch)
+            total += width * len(batch)
+        return padded / max(total, 1)
 
 
 def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, world=1):

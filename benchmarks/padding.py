@@ -1,9 +1,9 @@
-"""Padding: fraction of padded tokens per batch, with and without grouping by length (data.MixtureSampler).
+"""Padding: fraction of padded tokens per batch, with and without grouping by length (train.MixtureSampler).
 
 The length mix imitates INST-IT's training data (INST-IT 2.4) at the paper's settings: CLIP-336 / patch 14
 (576 tokens per image, 144 per pooled video frame), at most 32 frames, samples cut at 6144 tokens. Lengths
 come from model.num_visual_tokens plus text lengths drawn from log-normal distributions (medians in SOURCES,
-assumed, not measured on the real data). The padded fraction is data.MixtureSampler.padded_fraction over
+assumed, not measured on the real data). The padded fraction is train.MixtureSampler.padded_fraction over
 one pass: padding tokens / (longest length x batch size), both summed over all batches.
 Goal: <= 10% padded with group_by_length.
 
@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import MixtureSampler  # noqa: E402
+from train import MixtureSampler  # noqa: E402
 from model import ModelConfig, num_visual_tokens  # noqa: E402
 
 CFG = ModelConfig(image_size=336, patch_size=14)

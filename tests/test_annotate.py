@@ -21,6 +21,7 @@ from PIL import Image
 
 import annotate
 import data
+import demo
 
 KEY = "sk-test-7f3a9c2e51d84b06"  # must never appear in a file the annotator writes
 REPO = Path(__file__).resolve().parent.parent
@@ -159,14 +160,14 @@ def test_three_stages_end_to_end_and_rerun_sends_nothing(media, server, capsys):
     assert (out.parent / image["image_path"]).is_file() and "temporal_change" not in image
 
     for record in records:  # what demo.py's oracle records must pass too
-        annotate.check_record(record)
+        demo.check_record(record)
     records[1]["frame_level_caption"][1]["image_level"] = "[3] appears."  # [3] is marked on <3> only
     with pytest.raises(ValueError, match=r"video_id=2 frame 00005.jpg: \[3\] named"):
-        annotate.check_record(records[1])
+        demo.check_record(records[1])
     records[1]["frame_level_caption"][1]["image_level"] = "[1] waits."
     records[1]["question_answer_pairs"][0]["answer"] = "At <4>."
     with pytest.raises(ValueError, match=r"video_id=2 video caption or QA: <4> named"):
-        annotate.check_record(records[1])
+        demo.check_record(records[1])
     loaded = data.load_instit_dataset(str(out))  # the loader of the published data reads what we wrote
     assert [len(r["frames"]) for r in loaded] == [3, 3, 1] and loaded[1]["frames"][2]["masks"]["3"]
 

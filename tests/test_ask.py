@@ -10,9 +10,7 @@ from PIL import Image
 import evaluate
 import som
 from model import LlavaStyleModel, ModelConfig, build_model
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from test_data_frames import write_avi  # noqa: E402
+from test_data_frames import write_avi
 
 WHITE = (255, 255, 255)
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import train
 import som
 from conftest import make_tokenizer
 from model import ModelConfig, num_visual_tokens
@@ -215,7 +216,7 @@ def test_a_frame_list_longer_than_max_frames_is_sampled_uniformly(tok, tmp_path)
 def mixture(**kw):
     rng = np.random.default_rng(0)
     lengths = [rng.integers(10, 400, 100).tolist(), rng.integers(10, 400, 50).tolist(), rng.integers(10, 400, 30).tolist()]
-    return data.MixtureSampler(lengths, **{"ratios": [0.5, 0.3, 0.2], "batch_size": 8, "seed": 1, **kw})
+    return train.MixtureSampler(lengths, **{"ratios": [0.5, 0.3, 0.2], "batch_size": 8, "seed": 1, **kw})
 
 
 def test_mixture_draws_sources_at_their_ratios():
@@ -238,7 +239,7 @@ def test_mixture_is_seeded_and_resumes_exactly():
 
 
 def test_each_source_pass_is_a_permutation():
-    sampler = data.MixtureSampler([[5] * 40], [1.0], batch_size=5, seed=0, group=8)  # groups of 40 = one pass
+    sampler = train.MixtureSampler([[5] * 40], [1.0], batch_size=5, seed=0, group=8)  # groups of 40 = one pass
     first_group = [i for batch in itertools.islice(sampler.stream(), 8) for i in batch]
     assert sorted(first_group) == list(range(40))
 
@@ -250,11 +251,11 @@ def test_grouping_by_length_cuts_padding():
 
 def test_mixture_argument_errors():
     with pytest.raises(ValueError, match="one non-negative number per source"):
-        data.MixtureSampler([[1], [2]], [1.0], 2)
+        train.MixtureSampler([[1], [2]], [1.0], 2)
     with pytest.raises(ValueError, match="non-negative"):
-        data.MixtureSampler([[1], [2]], [1.0, -1.0], 2)
+        train.MixtureSampler([[1], [2]], [1.0, -1.0], 2)
     with pytest.raises(ValueError, match="ratio > 0 is empty"):
-        data.MixtureSampler([[1], []], [0.5, 0.5], 2)
+        train.MixtureSampler([[1], []], [0.5, 0.5], 2)
 
 
 def test_every_script_explains_itself_and_som_draws_a_folder(tmp_path, capsys):

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import annotate
 import data
 import evaluate
 import som
@@ -55,7 +54,7 @@ def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
     records = demo.synthetic_world(str(tmp_path), 8, seed=1, num_frames=8, size=96)
     out = [demo.oracle_record(r, tmp_path, tmp_path / "som") for r in records]
     for rec in out:
-        annotate.check_record(rec)  # every [ID] is drawn on its frame, every <t> exists
+        demo.check_record(rec)  # every [ID] is drawn on its frame, every <t> exists
         assert rec["question_answer_pairs"]
     data.write_json(tmp_path / "oracle.json", out)
     loaded = data.load_instit_dataset(str(tmp_path / "oracle.json"))
@@ -64,7 +63,7 @@ def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
     assert kinds == {"frame", "change", "video", "qa"}
     broken = dict(out[0], question_answer_pairs=[{"question": "What is [9] doing?", "answer": "[9] waits."}])
     try:
-        annotate.check_record(broken)
+        demo.check_record(broken)
     except ValueError as e:
         assert "[9]" in str(e)
     else:
