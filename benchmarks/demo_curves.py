@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import read_json  # noqa: E402
+from data import pyplot, read_json  # noqa: E402
 from evaluate import MC_RANDOM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,10 +26,9 @@ def main():
     parser.add_argument("results", nargs="*", default=sorted(glob.glob(os.path.join(HERE, "results", "demo_*.json"))))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "demo_curves.png"))
     args = parser.parse_args()
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        parser.error("the figure needs matplotlib (pip install matplotlib)")
     if not args.results:
         parser.error("no results.json given, and none kept as benchmarks/results/demo_*.json")
     runs = {path: read_json(path) for path in args.results}
