@@ -405,7 +405,7 @@ def ask(model, frames: list, history: list[dict], question: str, video: bool, st
     """Marked frames + the chat so far + a question -> the model's answer. The frames go with the first question
     (a video's as VIDEO_FRAMES says, so <t> means the t-th); later turns keep them in the context."""
     if not history:
-        question = "<image>\n" + (VIDEO_FRAMES.format(n=len(frames)) if video else "") + question
+        question = data.PLACEHOLDER + "\n" + (VIDEO_FRAMES.format(n=len(frames)) if video else "") + question
     history.append({"role": "user", "content": question})
     sample = {"id": "ask", "visuals": [{"frames": frames, "pooled": video}], "messages": history}
     answer = generate_answers(model, [sample], 1, streamer=streamer, **sampling)[0]
@@ -431,11 +431,12 @@ def ask_main(args) -> dict:
     try:  # every input is read and checked before the model loads
         frames, names = ask_frames(args.image, args.video, args.num_frames)
         masks = data.read_json(args.masks) if args.masks else {}
-    except (OSError, ValueError) as e:
+        style = None if args.mark_style is None else MarkStyle(**args.mark_style)
+    except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"evaluate.py ask: {e}")
     boxes = dict(parse_box(spec) for spec in args.box)
+    w, h = frames[0].size
     for i, (x0, y0, x1, y1) in boxes.items():
-        w, h = frames[0].size
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
             raise SystemExit(f"--box {i}:{x0:g},{y0:g},{x1:g},{y1:g} lies outside the {w}x{h} frame {names[0]}")
     video = args.video is not None
@@ -444,7 +445,7 @@ def ask_main(args) -> dict:
                     "or by source index as 00012.jpg", args.masks, ", ".join(names[:3]))
     model = LlavaStyleModel.from_pretrained(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {}))
     model.eval()
-    style = MarkStyle(**(args.mark_style if args.mark_style is not None else model.cfg.mark_style or {}))
+    style = style or MarkStyle(**model.cfg.mark_style or {})  # the style the model was trained with
     marked, drawn = draw_marks(frames, names, masks, boxes, style, video)
     if args.save_marked:
         os.makedirs(args.save_marked, exist_ok=True)

@@ -111,6 +111,8 @@ def test_bad_boxes_files_and_undrawn_ids(checkpoint, tmp_path, capsys, caplog):
         evaluate.main(["ask", "--model", checkpoint, "--image", str(tmp_path / "broken.jpg"), "Q?"])
     with pytest.raises(SystemExit, match="missing.mp4: no such video"):
         evaluate.main(["ask", "--model", checkpoint, "--video", str(tmp_path / "missing.mp4"), "Q?"])
+    with pytest.raises(SystemExit, match="--mark-style|unexpected keyword argument 'size'"):
+        evaluate.main(["ask", *photo, "--mark-style", '{"size": 3}', "Q?"])
     ask(capsys, *photo, "--box", "1:4,4,20,20", "--json", "Is [1] next to [7]?")
     assert "names [7], not drawn on the frames (drawn: [1])" in caplog.text
 
