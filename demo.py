@@ -11,7 +11,7 @@ This file is an example beside the method: it uses the method's public names as 
 pins every setting it depends on (DEMO, DEMO_MODEL, DEMO_MARKS), so a change of a method default does not
 change the demo. Its record of what was tried and measured: benchmarks/DEMO_HISTORY.md.
 
-    python demo.py --out runs/demo                                  # `make demo`: a few minutes on a CPU
+    python demo.py --out runs/demo                                  # `make demo`: about 9 minutes on 2 CPU cores
     python demo.py --out runs/learn --scenes 8000 --max-steps 4000  # the setting that learns (README)
 """
 import argparse
@@ -619,13 +619,13 @@ def main(argv=None):
                                 epilog="Every train.py flag passes through (python train.py --help): --out, "
                                        "--max-steps, --eval-every, --seed, --resume, --lr, ... Defaults: DEMO and "
                                        "DEMO_MODEL.")
-    p.add_argument("--scenes", type=int, default=1500, help="training scenes (half images, half 8-frame videos)")
+    p.add_argument("--scenes", type=int, default=1500, help="training scenes, half images, half 8-frame videos (default: 1500)")
     p.add_argument("--som", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the marks; --no-som shows the model the same frames without them")
     p.add_argument("--vision-pretrain-steps", type=int, default=1500,
-                   help=f"the ViT's pretraining first (pretrain_vision), batch {DEMO_PRETRAIN_BATCH}")
+                   help=f"the ViT's pretraining first (pretrain_vision), batch {DEMO_PRETRAIN_BATCH} (default: 1500)")
     p.add_argument("--base-url", help="annotate with a real chat-completions server instead of the oracle")
-    p.add_argument("--annotator-model", default="gpt-4o", help="its model; the key comes from OPENAI_API_KEY")
+    p.add_argument("--annotator-model", default="gpt-4o", help="its model (default: gpt-4o); the key comes from OPENAI_API_KEY")
     demo, rest = p.parse_known_args(argv)
     cfg, overrides = train.parse_args(rest, defaults={**DEMO, **DEMO_MODEL})
     data.log_to_stderr()
