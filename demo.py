@@ -310,7 +310,8 @@ def check_record(rec):
             annotate.check_refs(annotate.annotations_text([{**f, "timestamp": None, "temporal_change": None}]), ids)
             annotate.check_refs(f.get("temporal_change") or "", ids | prev)
         except ValueError as e:
-            raise ValueError(f"{annotate.record_name(rec)} frame {f.get('frame_name', rec.get('image_path'))}: {e}") from None
+            frame = f.get("frame_name", rec.get("image_path"))
+            raise ValueError(f"{annotate.record_name(rec)} frame {frame}: {e}") from None
     texts = [rec.get("video_level_caption") or ""]
     texts += [" ".join(qa.values()) for qa in rec.get("question_answer_pairs", [])]
     try:
@@ -619,13 +620,15 @@ def main(argv=None):
                                 epilog="Every train.py flag passes through (python train.py --help): --out, "
                                        "--max-steps, --eval-every, --seed, --resume, --lr, ... Defaults: DEMO and "
                                        "DEMO_MODEL.")
-    p.add_argument("--scenes", type=int, default=1500, help="training scenes, half images, half 8-frame videos (default: 1500)")
+    p.add_argument("--scenes", type=int, default=1500,
+                   help="training scenes, half images, half 8-frame videos (default: 1500)")
     p.add_argument("--som", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the marks; --no-som shows the model the same frames without them")
     p.add_argument("--vision-pretrain-steps", type=int, default=1500,
                    help=f"the ViT's pretraining first (pretrain_vision), batch {DEMO_PRETRAIN_BATCH} (default: 1500)")
     p.add_argument("--base-url", help="annotate with a real chat-completions server instead of the oracle")
-    p.add_argument("--annotator-model", default="gpt-4o", help="its model (default: gpt-4o); the key comes from OPENAI_API_KEY")
+    p.add_argument("--annotator-model", default="gpt-4o",
+                   help="its model (default: gpt-4o); the key comes from OPENAI_API_KEY")
     demo, rest = p.parse_known_args(argv)
     cfg, overrides = train.parse_args(rest, defaults={**DEMO, **DEMO_MODEL})
     data.log_to_stderr()
