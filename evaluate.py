@@ -259,12 +259,11 @@ def judge_client(args):
 # ---------------------------------------------------------------------------------------------------
 # Running a model on the bench.
 
-VIDEO_FRAMES = "The video has {n} frames, <1> to <{n}>. "  # how a question about a video names its times <t>
 BENCH_PROMPTS = {  # the bench's answer conventions (INST-IT App. B)
     "mc": "{question}\n{options}\nAnswer with the option's letter from the given choices directly.",
     "image_oe": "{question}\nAnswer in a sentence. Refer to instances by their IDs in brackets, e.g. [1].",
-    "video_oe": VIDEO_FRAMES + "{question}\nAnswer in a sentence. Refer to instances by their IDs in brackets, "
-                               "e.g. [1], and to times as <t> or <s>-<e>.",
+    "video_oe": "The video has {n} frames, <1> to <{n}>. {question}\nAnswer in a sentence. Refer to instances "
+                "by their IDs in brackets, e.g. [1], and to times as <t> or <s>-<e>.",
 }
 
 
@@ -401,12 +400,14 @@ def draw_marks(frames: list, names: list[str], masks: dict, boxes: dict, style: 
     return marked, drawn
 
 
-def ask(model, frames: list, history: list[dict], question: str, video: bool, streamer=None, **sampling) -> str:
-    """Marked frames + the chat so far + a question -> the model's answer. The frames go with the first question
-    (a video's as VIDEO_FRAMES says, so <t> means the t-th); later turns keep them in the context."""
-    if not history:
-        question = data.PLACEHOLDER + "\n" + (VIDEO_FRAMES.format(n=len(frames)) if video else "") + question
-    history.append({"role": "user", "content": question})
+def ask(model, frames: list, history: list[dict], question: str, video: bool, verbatim: bool = False,
+        streamer=None, **sampling) -> str:
+    """Marked frames + the chat so far + a question -> the model's answer. The question is asked as the bench asks
+    open-ended ones (BENCH_PROMPTS: a video's frames announced, so <t> means the t-th; the answer conventions), the
+    form a model is evaluated in, unless `verbatim`. The frames go with the first question and stay in context."""
+    text = question if verbatim else BENCH_PROMPTS["video_oe" if video else "image_oe"].format(
+        question=question, n=len(frames))
+    history.append({"role": "user", "content": (data.PLACEHOLDER + "\n" if not history else "") + text})
     sample = {"id": "ask", "visuals": [{"frames": frames, "pooled": video}], "messages": history}
     answer = generate_answers(model, [sample], 1, streamer=streamer, **sampling)[0]
     history.append({"role": "assistant", "content": answer})
@@ -461,12 +462,12 @@ def ask_main(args) -> dict:
         if named_ids(question) - drawn:
             log.warning("the question names %s, not drawn on the frames (drawn: %s)", " ".join(
                 f"[{i}]" for i in sorted(named_ids(question) - drawn)), " ".join(f"[{i}]" for i in sorted(drawn)))
-        turns.append({"question": question, "answer": ask(model, marked, history, question, video, streamer,
-                                                          **sampling)})
+        answer = ask(model, marked, history, question, video, args.verbatim, streamer, **sampling)
+        turns.append({"question": question, "answer": answer})
         question = next_question(args.chat)
     result = {"model": args.model, "media": args.image or args.video, "frames": names, "marks": sorted(drawn),
               "turns": turns, "settings": {"num_frames": args.num_frames, "mark_style": dataclasses.asdict(style),
-                                           **sampling}}
+                                           "verbatim": args.verbatim, **sampling}}
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     return result
@@ -509,6 +510,8 @@ def main(argv=None):
     ask_cmd.add_argument("--mark-style", type=json.loads, metavar="JSON",
                          help="som.MarkStyle fields, e.g. '{\"fill\": 0}' (default: the style the checkpoint "
                               "records, else INST-IT's)")
+    ask_cmd.add_argument("--verbatim", action="store_true", help="send the question as typed, not in the bench's "
+                                                                "open-ended form (BENCH_PROMPTS)")
     ask_cmd.add_argument("--max-new-tokens", type=int, default=256)
     ask_cmd.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     ask_cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")

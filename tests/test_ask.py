@@ -127,3 +127,19 @@ def test_a_llava_hf_checkpoint_in_4bit(tiny, tmp_path, capsys):
     assert result["marks"] == [1] and result["settings"]["mark_style"] == {
         "fill": 0.25, "colour": None, "line_width": None, "font_size": None, "grid": None}
     assert tuple(np.array(Image.open(tmp_path / "seen" / "photo.png"))[12, 4]) == som.id_colour(1)
+
+
+def test_asked_as_the_bench_asks_unless_verbatim(checkpoint):
+    """The question goes in the bench's open-ended form (the form a model is evaluated in; a video's frames
+    announced, so <t> is the t-th), or as typed with verbatim=True; the frames go with the first turn only."""
+    model = LlavaStyleModel.from_pretrained(checkpoint).eval()
+    frames = [Image.new("RGB", (64, 48))] * 3
+    history = []
+    evaluate.ask(model, frames, history, "What does [1] do at <2>?", video=True, max_new_tokens=2)
+    evaluate.ask(model, frames, history, "And [2]?", video=True, max_new_tokens=2)
+    assert history[0]["content"] == "<image>\n" + evaluate.BENCH_PROMPTS["video_oe"].format(
+        question="What does [1] do at <2>?", n=3)
+    assert history[2]["content"].startswith("The video has 3 frames") and "<image>" not in history[2]["content"]
+    typed = []
+    evaluate.ask(model, frames[:1], typed, "What is [1]?", video=False, verbatim=True, max_new_tokens=2)
+    assert typed[0]["content"] == "<image>\nWhat is [1]?" and [m["role"] for m in typed] == ["user", "assistant"]
