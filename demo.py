@@ -526,7 +526,7 @@ def run_demo(demo, cfg: train.TrainConfig, overrides: dict) -> dict:
     summary = evaluate.run_bench(model, str(bench), list(data.BENCH_SPLITS), str(out / "bench"), batch_size=32,
                                  max_new_tokens=24, num_frames=8)
     predictions = evaluate.load_predictions(str(out / "bench" / "predictions.jsonl"))
-    results = {"som": demo.som, "steps": result["step"], "seed": cfg.seed,
+    results = {"som": demo.som, "demo": vars(demo), "steps": result["step"], "seed": cfg.seed,
                "minutes": round((time.perf_counter() - started) / 60, 2), "chance_mc": evaluate.MC_RANDOM, "splits": {},
                "curve": [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]}
     for split, scores in summary.items():

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 import data
-from som import MarkStyle, frame_files, instance_key, instance_mask, named_ids, open_image, render_som
+from som import IMAGE_EXTS, MarkStyle, frame_files, instance_key, instance_mask, named_ids, open_image, render_som
 
 NUM_FRAMES = 8  # frames sampled per video by `run` and `ask`
 log = logging.getLogger("evaluate")
@@ -297,8 +297,7 @@ def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_to
 def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8,
               max_new_tokens=256, num_frames=8, client=None) -> dict:
     """Model x bench -> out_dir/predictions.jsonl (official shape), summary.json, scores.png; the summary."""
-    wanted = [data.BENCH_SPLITS.get(s, s) for s in splits]
-    questions = data.load_instit_bench(bench, wanted, media_root)
+    questions = data.load_instit_bench(bench, splits, media_root)
     if not questions:
         raise SystemExit(f"{bench}: no questions in splits {splits}")
     answers = generate_answers(model, [bench_sample(q, num_frames) for q in questions], batch_size, max_new_tokens)
@@ -381,23 +380,26 @@ def ask_frames(image: str | None, video: str | None, num_frames: int) -> tuple[l
     """--image FILE, or --video (a video file or a frame folder) -> (frames, their names), sampled as `run` samples
     a bench video. Names key --masks: a folder's file names; a video file's frames by source index, 00012.jpg
     (as annotate.py names them)."""
-    if image:
-        return [open_image(image)], [os.path.basename(image)]
+    if image or video.lower().endswith(IMAGE_EXTS):  # a one-frame video is named by its file, as an image is
+        return [open_image(image or video)], [os.path.basename(image or video)]
     frames, index = data.sample_frames(video, num_frames)
     if os.path.isdir(video):
         return frames, [frame_files(video)[i] for i in index]
     return frames, [f"{i:05d}.jpg" for i in index]
 
 
-def draw_marks(frames: list, names: list[str], masks: dict, boxes: dict, style: MarkStyle, video: bool):
-    """Frames + masks ({ID: mask | box | polygon} for an image; {frame name: {ID: ...}} for a video) + boxes (the
-    same on every frame) -> (frames with Set-of-Marks drawn in `style`, the IDs drawn on any of them)."""
-    marked, drawn, places = [], set(), {}  # one label place per ID across the frames (som.render_som)
+def frame_marks(frames: list, names: list[str], masks: dict, boxes: dict, video: bool) -> tuple[list, set]:
+    """Masks ({ID: mask | box | polygon} for an image; {frame name: {ID: ...}} for a video) + boxes (the same on
+    every frame) -> ([{ID: spec} per frame], the IDs with pixels on some frame), each spec read against its frame
+    (ValueError naming the instance when it does not fit)."""
+    marks, drawn = [], set()
     for name, frame in zip(names, frames):
         instances = {**((masks.get(name) or {}) if video else masks), **boxes}
-        marked.append(render_som(frame, instances, style, label_places=places))
+        if not all(instance_key(i).isdigit() for i in instances):
+            raise ValueError(f"instance IDs must be numbers, as the marks show them: {sorted(instances)}")
         drawn |= {int(instance_key(i)) for i, spec in instances.items() if instance_mask(spec, frame.size, i).any()}
-    return marked, drawn
+        marks.append(instances)
+    return marks, drawn
 
 
 def ask(model, frames: list, history: list[dict], question: str, video: bool, verbatim: bool = False,
@@ -429,25 +431,28 @@ def ask_main(args) -> dict:
 
     from model import LlavaStyleModel
 
+    boxes, video = dict(parse_box(spec) for spec in args.box), args.video is not None
     try:  # every input is read and checked before the model loads
         frames, names = ask_frames(args.image, args.video, args.num_frames)
+        w, h = frames[0].size
+        for i, (x0, y0, x1, y1) in boxes.items():
+            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+                raise ValueError(f"--box {i}:{x0:g},{y0:g},{x1:g},{y1:g} lies outside the {w}x{h} frame {names[0]}")
         masks = data.read_json(args.masks) if args.masks else {}
+        marks, drawn = frame_marks(frames, names, masks, boxes, video)
         style = None if args.mark_style is None else MarkStyle(**args.mark_style)
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"evaluate.py ask: {e}")
-    boxes = dict(parse_box(spec) for spec in args.box)
-    w, h = frames[0].size
-    for i, (x0, y0, x1, y1) in boxes.items():
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise SystemExit(f"--box {i}:{x0:g},{y0:g},{x1:g},{y1:g} lies outside the {w}x{h} frame {names[0]}")
-    video = args.video is not None
     if masks and video and not set(masks) & set(names):
         log.warning("%s: no key names a sampled frame (%s, ...): a video's masks are keyed by frame file name, "
                     "or by source index as 00012.jpg", args.masks, ", ".join(names[:3]))
     model = LlavaStyleModel.from_pretrained(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {}))
     model.eval()
+    if len(frames) > model.cfg.max_frames:
+        raise SystemExit(f"--num-frames {args.num_frames}: the model reads at most {model.cfg.max_frames} frames")
     style = style or MarkStyle(**model.cfg.mark_style or {})  # the style the model was trained with
-    marked, drawn = draw_marks(frames, names, masks, boxes, style, video)
+    places = {}  # one label place per ID across the frames (som.render_som)
+    marked = [render_som(frame, instances, style, label_places=places) for frame, instances in zip(frames, marks)]
     if args.save_marked:
         os.makedirs(args.save_marked, exist_ok=True)
         for name, frame in zip(names, marked):
@@ -467,7 +472,7 @@ def ask_main(args) -> dict:
         question = next_question(args.chat)
     result = {"model": args.model, "media": args.image or args.video, "frames": names, "marks": sorted(drawn),
               "turns": turns, "settings": {"num_frames": args.num_frames, "mark_style": dataclasses.asdict(style),
-                                           "verbatim": args.verbatim, **sampling}}
+                                           "verbatim": args.verbatim, **sampling, "temperature": args.temperature}}
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     return result

@@ -536,7 +536,9 @@ class LlavaStyleModel(nn.Module):
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
         full.tokenizer = self.tokenizer
-        full.load_state_dict(self.trained_state_dict(), strict=False)  # trained tensors only
+        unexpected = full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys  # trained only
+        if unexpected:
+            raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
         lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
         config = LlavaConfig(vision_config=full.vision.config.to_dict(), text_config=lm.config.to_dict(),
                              image_token_id=self.image_token_id, vision_feature_layer=-1,

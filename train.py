@@ -6,7 +6,7 @@ r"""Continuous SFT of the LLaVA-style model (INST-IT 2.4, 3.1, Tab. 6), one GPU 
 
 A plain loop you can step through: `start_run` builds the model for the stage, loads the data mixture and
 the optimizer (or resumes all of it); `train_step` accumulates micro-batches, clips and steps at the
-learning rate of `learning_rate(step)`; `log_and_checkpoint` writes metrics.jsonl and checkpoints. A
+learning rate `learning_rate` gives for the step; `log_and_checkpoint` writes metrics.jsonl and checkpoints. A
 checkpoint holds trained weights, optimizer, RNG states and the data position, so `--resume` continues exactly.
 """
 import argparse

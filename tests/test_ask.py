@@ -111,6 +111,15 @@ def test_bad_boxes_files_and_undrawn_ids(checkpoint, tmp_path, capsys, caplog):
         evaluate.main(["ask", "--model", checkpoint, "--image", str(tmp_path / "broken.jpg"), "Q?"])
     with pytest.raises(SystemExit, match="missing.mp4: no such video"):
         evaluate.main(["ask", "--model", checkpoint, "--video", str(tmp_path / "missing.mp4"), "Q?"])
+    (tmp_path / "bad.json").write_text(json.dumps({"1": {"counts": [5], "size": [48, 64]}}))
+    with pytest.raises(SystemExit, match="instance 1: bad RLE"):  # read against the frame before the model loads
+        evaluate.main(["ask", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "photo.png"),
+                       "--masks", str(tmp_path / "bad.json"), "Q?"])
+    (tmp_path / "long").mkdir()
+    for t in range(33):
+        Image.new("RGB", (16, 16)).save(tmp_path / "long" / f"{t:05d}.png")
+    with pytest.raises(SystemExit, match="--num-frames 33: the model reads at most 32 frames"):
+        evaluate.main(["ask", "--model", checkpoint, "--video", str(tmp_path / "long"), "--num-frames", "33", "Q?"])
     with pytest.raises(SystemExit, match="--mark-style|unexpected keyword argument 'size'"):
         evaluate.main(["ask", *photo, "--mark-style", '{"size": 3}', "Q?"])
     ask(capsys, *photo, "--box", "1:4,4,20,20", "--json", "Is [1] next to [7]?")
