@@ -152,3 +152,18 @@ def test_asked_as_the_bench_asks_unless_verbatim(checkpoint):
     typed = []
     evaluate.ask(model, frames[:1], typed, "What is [1]?", video=False, verbatim=True, max_new_tokens=2)
     assert typed[0]["content"] == "<image>\nWhat is [1]?" and [m["role"] for m in typed] == ["user", "assistant"]
+
+
+def test_masks_with_named_ids_or_no_sampled_frame(checkpoint, tmp_path, capsys, caplog):
+    Image.new("RGB", (64, 48)).save(tmp_path / "photo.png")
+    (tmp_path / "named.json").write_text(json.dumps({"person": [4, 4, 20, 20]}))
+    with pytest.raises(SystemExit, match="instance IDs must be numbers"):  # before any model loads
+        evaluate.main(["ask", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "photo.png"),
+                       "--masks", str(tmp_path / "named.json"), "Q?"])
+    (tmp_path / "clip").mkdir()
+    for t in range(3):
+        Image.new("RGB", (64, 48)).save(tmp_path / "clip" / f"frame_{t}.png")
+    (tmp_path / "other.json").write_text(json.dumps({"00000.jpg": {"1": [4, 4, 20, 20]}}))
+    result, _ = ask(capsys, "--model", checkpoint, "--video", str(tmp_path / "clip"), "--masks",
+                    str(tmp_path / "other.json"), "--json", "What is [1]?")
+    assert result["marks"] == [] and "other.json: no key names a sampled frame (frame_0.png" in caplog.text
