@@ -1,8 +1,8 @@
 """Everything between raw media and a batch the model eats (INST-IT 2.4; MIMIC-IT; MultiInstruct).
 
-Read top to bottom in the order data flows: frames (videos, frame folders), frames to tokens (pixels, chat
-template, assistant-only labels, `<image>` expanded to `num_visual_tokens` copies, collation), then the files
-and formats that become conversations (FORMATS.md). Marks are drawn by som.py; the mixture is train.py's.
+Read top to bottom in the order data flows: frames (videos, frame folders), frames to tokens (chat template,
+assistant-only labels, `<image>` expanded to `num_visual_tokens` copies, collation), then the files and formats
+that become conversations (FORMATS.md). Marks are drawn by som.py, pixels and AnyRes tiles made by model.py.
 
 A conversation ("sample") is a plain dict, the unit every loader returns and `encode_sample` reads:
     {"id": str, "source": str,
@@ -10,11 +10,12 @@ A conversation ("sample") is a plain dict, the unit every loader returns and `en
                   "masks": [{id: mask, ...} per frame] (optional: drawn with som.render_som when loaded)}
                  or {"video": video file or frame folder, "pooled": True, "num_frames": n (default cfg.max_frames)}],
      "messages": [{"role": "system" | "user" | "assistant", "content": str}]}
-The i-th `<image>` placeholder in the messages is the i-th visual. A visual is 2x2-pooled iff it is a video
-(several frames) or the sample has several visuals; a single image keeps all its tokens (INST-IT 2.4).
+The i-th `<image>` placeholder in the messages is the i-th visual. A video is 2x2-pooled, a single image keeps
+all its tokens (INST-IT 2.4), or its AnyRes tiles' (LLaVA-NeXT): `visual_layout` says which.
 """
 import argparse
 import base64
+import io
 import json
 import logging
 import os
@@ -22,11 +23,10 @@ import random
 import re
 from collections import Counter
 
-import numpy as np
 import torch
 from PIL import Image
 
-from model import ModelConfig, num_visual_tokens
+from model import ModelConfig, anyres_tiles, num_visual_tokens, preprocess_image
 from som import IMAGE_EXTS, MarkStyle, frame_files, instance_key, named_ids, natural_key, open_image, render_som
 
 log = logging.getLogger("data")
@@ -117,19 +117,6 @@ def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int
 # ---------------------------------------------------------------------------------------------------
 # Frames to tokens: pixels, chat template, labels, collation, mixture sampling.
 
-def preprocess_image(image, cfg: ModelConfig) -> torch.Tensor:
-    """An image -> (3, S, S) pixels: padded to a square with the mean colour (LLaVA's "pad"), resized
-    (bicubic) to cfg.image_size, normalised with the encoder's mean and std."""
-    image = open_image(image)
-    w, h = image.size
-    side = max(w, h)
-    square = Image.new("RGB", (side, side), tuple(round(255 * m) for m in cfg.image_mean))
-    square.paste(image, ((side - w) // 2, (side - h) // 2))
-    square = square.resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255).permute(2, 0, 1)
-    return (x - torch.tensor(cfg.image_mean).view(3, 1, 1)) / torch.tensor(cfg.image_std).view(3, 1, 1)
-
-
 def load_visual(visual: dict, cfg: ModelConfig) -> list[Image.Image]:
     """A sample's visual -> its RGB frames: read from paths/bytes or sampled from a video (cfg.max_frames),
     with Set-of-Marks drawn when the visual has `masks` (one label place per ID across its frames)."""
@@ -212,16 +199,26 @@ def tokenize_chat(messages, tokenizer, add_generation_prompt=False) -> tuple[lis
     return ids, labels
 
 
-def is_pooled(visual: dict, num_frames: int, num_visuals: int) -> bool:
-    """A visual's `pooled` flag, else the rule: 2x2-pooled iff it has several frames or the sample several visuals."""
-    return bool(visual.get("pooled", num_frames > 1 or num_visuals > 1))
+def visual_layout(visual: dict, num_frames: int, num_visuals: int, cfg: ModelConfig) -> tuple[bool, tuple | None]:
+    """(pooled, AnyRes size): 2x2-pooled per its `pooled` flag, else iff it has several frames or the sample several
+    visuals (cfg.multi_image "pooled"); an unpooled lone image (or any, multi_image "anyres") is cut into AnyRes
+    tiles iff cfg has grid pinpoints: its (height, width) is then read from the file's header (no decoding)."""
+    pooled = bool(visual.get("pooled", num_frames > 1 or num_visuals > 1 and cfg.multi_image == "pooled"))
+    if not (cfg.image_grid_pinpoints and "frames" in visual and num_frames == 1 and not pooled
+            and (num_visuals == 1 or cfg.multi_image == "anyres")):
+        return pooled, None
+    frame = visual["frames"][0]
+    if isinstance(frame, Image.Image):
+        return pooled, (frame.height, frame.width)
+    with Image.open(io.BytesIO(frame) if isinstance(frame, bytes) else frame) as image:
+        return pooled, (image.height, image.width)
 
 
 def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6144,
                   add_generation_prompt: bool = False) -> dict | None:
-    """A sample -> {"input_ids": (L,), "labels": (L,), "pixel_values": (F, 3, S, S) | None, "visual_frames":
-    [frames per visual], "visual_pooled": [bool], "id"}: the chat template applied, labels on assistant
-    tokens only, each `<image>` expanded to num_visual_tokens(cfg, frames, pooled) image tokens.
+    """A sample -> {"input_ids": (L,), "labels": (L,), "pixel_values": (F, 3, S, S) | None, "visual_frames": [frames
+    or AnyRes tiles per visual], "visual_pooled", "image_sizes" (visual_layout's), "id"}: the chat template applied,
+    labels on assistant tokens only, each `<image>` expanded to num_visual_tokens(cfg, frames, pooled, size) tokens.
     Longer than `max_length` (INST-IT's 6K): trailing text-only turns go, then the text after the last visual
     token; a sample that still does not fit is dropped (None, the reason logged). `add_generation_prompt=True`
     encodes a prompt (ending with a user turn; no labels)."""
@@ -231,11 +228,12 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
         frames = [load_visual(v, cfg) for v in visuals]
     except ValueError as e:
         raise ValueError(f"sample {name}: {e}") from e
-    pooled = [is_pooled(v, len(f), len(visuals)) for v, f in zip(visuals, frames)]
+    layouts = [visual_layout(v, len(f), len(visuals), cfg) for v, f in zip(visuals, frames)]
+    pooled, sizes = [p for p, _ in layouts], [s for _, s in layouts]
     if any(len(f) > cfg.max_frames for f in frames):
         raise ValueError(f"sample {name}: a visual has {max(map(len, frames))} frames, more than max_frames="
                          f"{cfg.max_frames}; sample fewer (sample_frames)")
-    counts = [num_visual_tokens(cfg, len(f), p) for f, p in zip(frames, pooled)]
+    counts = [num_visual_tokens(cfg, len(f), p, s) for f, p, s in zip(frames, pooled, sizes)]
     messages = [dict(m, content=m["content"].replace(PLACEHOLDER, cfg.image_token)) for m in sample["messages"]]
     placeholders = sum(m["content"].count(cfg.image_token) for m in messages)
     if placeholders != len(visuals):
@@ -275,10 +273,10 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
         input_ids, target = input_ids[:max_length], target[:max_length]
     if not add_generation_prompt and all(t == -100 for t in target):
         raise ValueError(f"sample {name}: no assistant tokens to learn from (its label mask is empty)")
-    pixels = [preprocess_image(f, cfg) for visual in frames for f in visual]
+    pixels = [anyres_tiles(f[0], cfg) if s else [preprocess_image(x, cfg) for x in f] for f, s in zip(frames, sizes)]
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(target),
-            "pixel_values": torch.stack(pixels) if pixels else None,
-            "visual_frames": [len(f) for f in frames], "visual_pooled": pooled, "id": name,
+            "pixel_values": torch.stack([x for p in pixels for x in p]) if pixels else None,
+            "visual_frames": [len(p) for p in pixels], "visual_pooled": pooled, "image_sizes": sizes, "id": name,
             "source": sample.get("source", "?")}
 
 
@@ -301,7 +299,8 @@ def collate(samples: list, pad_token_id: int, padding_side: str = "right") -> di
             "labels": torch.stack([pad(s["labels"], -100) for s in samples]),
             "pixel_values": torch.cat(pixels) if pixels else None,
             "visual_frames": [n for s in samples for n in s["visual_frames"]],
-            "visual_pooled": [p for s in samples for p in s["visual_pooled"]]}
+            "visual_pooled": [p for s in samples for p in s["visual_pooled"]],
+            "image_sizes": [size for s in samples for size in s["image_sizes"]]}
 
 
 class InstructionDataset(torch.utils.data.Dataset):
@@ -325,8 +324,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         cfg, out = self.cfg, []
         for s, ids in zip(self.samples, encoded):
             visuals = s.get("visuals", [])
-            frames = [v.get("num_frames") or cfg.max_frames if "video" in v else len(v["frames"]) for v in visuals]
-            visual = sum(num_visual_tokens(cfg, f, is_pooled(v, f, len(visuals))) - 1 for f, v in zip(frames, visuals))
+            visual = 0
+            for v in visuals:
+                frames = v.get("num_frames") or cfg.max_frames if "video" in v else len(v["frames"])
+                visual += num_visual_tokens(cfg, frames, *visual_layout(v, frames, len(visuals), cfg)) - 1
             out.append(len(ids) + 4 * len(s["messages"]) + visual)
         return out
 
@@ -659,8 +660,8 @@ def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
 def load_llava(path: str, media_root: str | None = None, check_media: bool = True,
                records: list | None = None) -> list[dict]:
     """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in; `records`: its content when
-    already read) -> samples: text-only, one image, several (pooled) or a video; placeholders missing from the
-    text go before the first user turn."""
+    already read) -> samples: text-only, one image, several or a video (visual_layout pools them as the model
+    does); placeholders missing from the text go before the first user turn."""
     records = read_json(path) if records is None else records
     root = media_root if media_root is not None else os.path.dirname(path)
 
@@ -676,8 +677,6 @@ def load_llava(path: str, media_root: str | None = None, check_media: bool = Tru
         visuals = [{"frames": [media_path(root, p, check_media, "image")]} for p in images]
         if rec.get("video"):
             visuals.append({"video": media_path(root, required(rec, "video"), check_media, "video")})
-        for v in visuals:
-            v["pooled"] = "video" in v or len(visuals) > 1
         placeholders = sum(m["content"].count(PLACEHOLDER) for m in messages)
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None or not any(m["role"] == "assistant" for m in messages):
@@ -694,7 +693,7 @@ def load_llava(path: str, media_root: str | None = None, check_media: bool = Tru
 def load_mimicit(instructions: str, images: str, train_config: str | None = None) -> list[dict]:
     """MIMIC-IT instructions + their base64 images (FORMATS.md) -> in-context samples: the in-context examples
     (`rel_ins_ids`, or the train config's ins_id -> [ids]) then the query, each chunk `<image> instruction` ->
-    answer, all answers supervised; an instruction's images are one visual, pooled when the sample has several."""
+    answer, all answers supervised; an instruction's images are one visual."""
     data = read_json(instructions)
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
         raise ValueError(f"{instructions}: expected MIMIC-IT {{'meta': ..., 'data': {{ins_id: ...}}}}")
@@ -728,7 +727,6 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
         chunks = [chunk(c, f"{ins_id}.rel_ins_ids") for c in context or []] + [chunk(ins_id, "data")]
         messages = []
         for visual, instruction, answer in chunks:
-            visual["pooled"] = len(visual["frames"]) > 1 or len(chunks) > 1
             messages += [{"role": "user", "content": f"{PLACEHOLDER}\n{instruction}"},
                          {"role": "assistant", "content": answer}]
         return [{"id": ins_id, "source": instructions, "visuals": [c[0] for c in chunks], "messages": messages}]

@@ -52,8 +52,8 @@ DEMO_MARKS = MarkStyle(fill=0.0, colour=(255, 255, 255), grid=DEMO_PATCH)  # for
 # whole in one patch token. Measured: benchmarks/DEMO_HISTORY.md.
 DEMO_MODEL = dict(  # the model's settings: full LM training, the ViT's last layer, LLaVA-NeXT-Video's pooling
     lm_training="full", trainable_vision_layers=1, vision_feature_layer=-1, vision_feature_select_strategy="default",
-    max_frames=8, pool_stride=2, pool_mode="average", load_in_4bit=False, gradient_checkpointing=False,
-    mark_style=dataclasses.asdict(DEMO_MARKS))  # recorded in every checkpoint: evaluate.py ask draws the same marks
+    max_frames=8, pool_stride=2, pool_mode="average", pool_position="before", load_in_4bit=False,
+    gradient_checkpointing=False, mark_style=dataclasses.asdict(DEMO_MARKS))  # recorded in every checkpoint: evaluate.py ask draws the same marks
 DEMO_VISION_LAYERS = 4                 # the tiny ViT's depth
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)

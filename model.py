@@ -1,11 +1,13 @@
-"""The LLaVA-style model of INST-IT (2.4, 3.1): vision encoder -> 2x2 pooling (videos) -> MLP projector -> causal LM.
+"""The LLaVA-NeXT-style model of INST-IT (2.4, 3.1): vision encoder -> MLP projector -> 2x2 pooling (videos) or
+AnyRes tiles (images) -> causal LM.
 
 Read top to bottom in the order data flows: `ModelConfig` and `num_visual_tokens` (how many tokens an
 image or a video becomes), loading the three parts, `LlavaStyleModel.forward` (features are written
 into the `<image>` positions that data.py expanded), generation, saving, merging.
 
-Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; a transformers
-`LlavaForConditionalGeneration` checkpoint is adopted with `LlavaStyleModel.from_llava_hf`.
+Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; transformers' LLaVA-1.5
+(`LlavaForConditionalGeneration`), LLaVA-NeXT and LLaVA-OneVision checkpoints are adopted with
+`LlavaStyleModel.from_llava_hf`.
 """
 import itertools
 import json
@@ -15,9 +17,11 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 log = logging.getLogger("model")
@@ -33,7 +37,13 @@ class ModelConfig:
     vision_feature_layer: int = -2        # LLaVA takes the penultimate layer's hidden states
     vision_feature_select_strategy: str = "default"  # "default": drop CLS (only if the encoder has one); "full": keep
     pool_stride: int = 2                  # 2x2 spatial pooling of video / multi-visual frames (INST-IT 2.4)
-    pool_mode: str = "average"            # "average" or "bilinear"; odd grids round up (27x27 -> 14x14)
+    pool_mode: str = "bilinear"           # "bilinear" (INST-IT's bench) or "average"; odd grids round up (27 -> 14)
+    pool_position: str = "after"          # "after" the projector (LLaVA-NeXT's code) or "before" (LLaVA-NeXT-Video)
+    image_grid_pinpoints: list | None = None  # AnyRes grids [[height, width], ...] in pixels; None: one square image
+    anyres_max: int = 0                   # OneVision's anyres_max_9: shrink the tiles' grid to at most 9 tiles' worth
+    multi_image: str = "pooled"           # images of a multi-image sample: "pooled" 2x2 (INST-IT), "anyres"
+    #                                       (LLaVA-NeXT) or "tile": one unpooled square each (OneVision)
+    video_newline: bool = False           # OneVision: one image_newline token after each video
     max_frames: int = 32                  # frames per video (INST-IT 3.1)
     trainable_vision_layers: int = 12     # last N of the encoder's layers trained; 0 = frozen (INST-IT: 12 of 24);
     #                                       all: nothing frozen, the patch and position embeddings train too
@@ -54,18 +64,85 @@ class ModelConfig:
     image_std: tuple = (0.5, 0.5, 0.5)
 
 
-def num_visual_tokens(cfg: ModelConfig, num_frames: int = 1, pooled: bool = False) -> int:
+def num_visual_tokens(cfg: ModelConfig, num_frames: int = 1, pooled: bool = False, image_size=None) -> int:
     """Tokens one visual of `num_frames` frames becomes: the single source of truth (INST-IT 2.4).
 
     Unpooled (a single image): grid^2 per frame (+1 with strategy "full" on an encoder with CLS).
-    Pooled (videos, several visuals): ceil(grid / stride)^2 per frame; CLS never survives pooling."""
+    Pooled (videos, several visuals): ceil(grid / stride)^2 per frame; CLS never survives pooling.
+    AnyRes (an image of `image_size` (height, width)): the base image's grid^2, then anyres_shape's rows of
+    tiles' tokens, each with an image_newline. A model with an image_newline ends a plain image (and, with
+    video_newline, a video) with one."""
     if not cfg.image_size or not cfg.patch_size:
         raise ValueError("ModelConfig.image_size/patch_size are unset: take the config from build_model(cfg).cfg")
     grid = cfg.image_size // cfg.patch_size
     if pooled:
-        return math.ceil(grid / cfg.pool_stride) ** 2 * num_frames
+        return math.ceil(grid / cfg.pool_stride) ** 2 * num_frames + cfg.video_newline
+    if image_size is not None:
+        _, (rows, cols) = anyres_shape(cfg, image_size)
+        return grid * grid + rows * (cols + 1)
     cls = int(cfg.has_cls and cfg.vision_feature_select_strategy == "full")
-    return (grid * grid + cls) * num_frames
+    return (grid * grid + cls) * num_frames + has_newline(cfg)
+
+
+def has_newline(cfg: ModelConfig) -> bool:
+    """LLaVA-NeXT and OneVision models learn an image_newline embedding; LLaVA-1.5 has none."""
+    return bool(cfg.image_grid_pinpoints) or cfg.video_newline
+
+
+def anyres_grid(cfg: ModelConfig, image_size) -> tuple[int, int]:
+    """(rows, columns) of tiles AnyRes cuts an image of (height, width) into: the grid pinpoint that keeps the
+    most of its pixels, then wastes the fewest (LLaVA-NeXT; transformers' select_best_resolution)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = select_best_resolution(tuple(image_size), [tuple(p) for p in cfg.image_grid_pinpoints])
+    return height // cfg.image_size, width // cfg.image_size
+
+
+def anyres_shape(cfg: ModelConfig, image_size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((rows, cols) unpadded, (rows, cols) kept) of an AnyRes image's tile tokens: the tiles' token grid cut to
+    the image's aspect ratio (the padding removed, LLaVA-NeXT's "spatial_unpad"), then shrunk to at most
+    `anyres_max` tiles' worth when it holds over 1.1x that many (OneVision)."""
+    grid = cfg.image_size // cfg.patch_size
+    rows, cols = (n * grid for n in anyres_grid(cfg, image_size))
+    height, width = image_size
+    if width / height > cols / rows:  # wider than the grid: padding above and below
+        rows -= 2 * ((rows - int(round(height * (cols / width), 7))) // 2)
+    else:
+        cols -= 2 * ((cols - int(round(width * (rows / height), 7))) // 2)
+    ratio = math.sqrt(rows * cols / (cfg.anyres_max * grid * grid)) if cfg.anyres_max else 0
+    return (rows, cols), ((int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols))
+
+
+def preprocess_image(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
+    """An RGB image -> (3, S, S) pixels: padded to a square with the mean colour (LLaVA's "pad"), resized
+    (bicubic) to cfg.image_size, normalised with the encoder's mean and std."""
+    w, h = image.size
+    side = max(w, h)
+    square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in cfg.image_mean))
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return normalize(square.resize((cfg.image_size, cfg.image_size), Image.BICUBIC), cfg)
+
+
+def normalize(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    return (x - torch.tensor(cfg.image_mean).view(3, 1, 1)) / torch.tensor(cfg.image_std).view(3, 1, 1)
+
+
+def anyres_tiles(image: Image.Image, cfg: ModelConfig) -> list[torch.Tensor]:
+    """An image -> its base view and AnyRes tiles as (3, S, S) pixels (LLaVA-NeXT): the whole image squashed to
+    S x S, then the image resized to fit the best grid pinpoint (aspect kept), centred on black and cut into
+    S x S tiles row by row, as transformers' LlavaNextImageProcessor does."""
+    side, (rows, cols) = cfg.image_size, anyres_grid(cfg, (image.height, image.width))
+    width, height = cols * side, rows * side
+    if width / image.width < height / image.height:
+        size = (width, min(math.ceil(image.height * (width / image.width)), height))
+    else:
+        size = (min(math.ceil(image.width * (height / image.height)), width), height)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(image.resize(size, Image.BICUBIC), ((width - size[0]) // 2, (height - size[1]) // 2))
+    tiles = [canvas.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
+             for r in range(rows) for c in range(cols)]
+    return [normalize(t, cfg) for t in [image.resize((side, side), Image.BICUBIC), *tiles]]
 
 
 def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
@@ -86,13 +163,15 @@ def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
 
 
 class Projector(nn.Module):
-    """Linear-GELU-Linear from vision width to LM width (LLaVA-1.5); names match transformers' LLaVA."""
+    """Linear-GELU-Linear from vision width to LM width (LLaVA-1.5); names match transformers' LLaVA. LLaVA-NeXT's
+    image_newline embedding lives here, so it trains with the projector."""
 
-    def __init__(self, vision_dim: int, lm_dim: int):
+    def __init__(self, vision_dim: int, lm_dim: int, newline: bool = False):
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim, lm_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(lm_dim, lm_dim)
+        self.image_newline = nn.Parameter(torch.randn(lm_dim) / math.sqrt(lm_dim)) if newline else None
 
     def forward(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
@@ -105,8 +184,9 @@ LLAVA_KEYS = {  # llava-hf checkpoints, old layout ("language_model.model.*") an
     "vision": {r"^(model\.)?vision_tower\.": ""},
     "language": {r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head.",
                  r"^model\.language_model\.": "model."},
-    "projector": r"^(model\.)?multi_modal_projector\.",
+    "projector": r"^(model\.)?(multi_modal_projector\.)?(?=linear_\d\.|image_newline$)",
 }
+ADOPTED = ("llava", "llava_next", "llava_onevision")  # transformers model types from_llava_hf adopts
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -204,9 +284,10 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
         raise ValueError(f"lm_training must be 'lora', 'full' or 'frozen', got {cfg.lm_training!r}")
     if cfg.load_in_4bit and cfg.lm_training == "full":
         raise ValueError("load_in_4bit trains LoRA adapters; set lm_training='lora' (or 'frozen')")
-    if cfg.vision_feature_select_strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
-                         f"got {cfg.vision_feature_select_strategy!r}")
+    for name, allowed in [("vision_feature_select_strategy", ("default", "full")),  # pool_mode: pool_frames checks
+                          ("pool_position", ("before", "after")), ("multi_image", ("pooled", "anyres", "tile"))]:
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     dtype = resolve_dtype(cfg.dtype)
     if cfg.llava_checkpoint:
         llava = AutoConfig.from_pretrained(cfg.llava_checkpoint)
@@ -236,7 +317,7 @@ class LlavaStyleModel(nn.Module):
         self.tokenizer = tokenizer
         self.vision = self._truncate_vision(vision)
         self.cfg.has_cls = self._encoder_has_cls()
-        self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size).to(vision.dtype)
+        self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, has_newline(cfg)).to(vision.dtype)
         if projector_state is not None:
             self.projector.load_state_dict(projector_state)
         self.image_token_id = self._add_image_token(lm)
@@ -375,28 +456,59 @@ class LlavaStyleModel(nn.Module):
         return {name: [p for p in part.parameters() if p.requires_grad] for name, part in parts.items()}
 
     # -- forward ---------------------------------------------------------------------------------
-    def encode_visuals(self, pixel_values, visual_frames, visual_pooled) -> torch.Tensor:
+    def encode_visuals(self, pixel_values, visual_frames, visual_pooled, image_sizes=None) -> torch.Tensor:
         """(F, 3, H, W) frames of all visuals in a batch -> (N, D_lm) features in placeholder order.
 
-        `visual_frames[i]` frames belong to visual i; visual i is 2x2-pooled if `visual_pooled[i]`. Pooling
-        comes before the projector, as in LLaVA-NeXT-Video."""
-        if sum(visual_frames) != len(pixel_values) or len(visual_pooled) != len(visual_frames):
-            raise ValueError(f"visual_frames {visual_frames} / visual_pooled {visual_pooled} do not describe "
-                             f"{len(pixel_values)} frames")
-        if max(visual_frames) > self.cfg.max_frames:
-            raise ValueError(f"a visual has {max(visual_frames)} frames, more than max_frames="
-                             f"{self.cfg.max_frames}; sample fewer frames (data.sample_frames)")
+        `visual_frames[i]` frames belong to visual i: a video's frames, 2x2-pooled if `visual_pooled[i]` (before
+        or after the projector, cfg.pool_position), one image, or an AnyRes image's base view and tiles when
+        `image_sizes[i]` is its (height, width)."""
+        image_sizes = image_sizes or [None] * len(visual_frames)
+        if sum(visual_frames) != len(pixel_values) or not len(visual_pooled) == len(image_sizes) == len(visual_frames):
+            raise ValueError(f"visual_frames {visual_frames} / visual_pooled {visual_pooled} / image_sizes "
+                             f"{image_sizes} do not describe {len(pixel_values)} frames")
+        frames = max((n for n, size in zip(visual_frames, image_sizes) if size is None), default=0)
+        if frames > self.cfg.max_frames:
+            raise ValueError(f"a visual has {frames} frames, more than max_frames={self.cfg.max_frames}; "
+                             "sample fewer frames (data.sample_frames)")
         hidden = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True).hidden_states[-1]
         patches = hidden[:, 1:] if self.cfg.has_cls else hidden  # (F, grid^2, Dv)
         unpooled = hidden if self.cfg.vision_feature_select_strategy == "full" else patches
-        features = []
-        for x, pat, pooled in zip(unpooled.split(visual_frames), patches.split(visual_frames), visual_pooled):
-            if pooled:
-                x = pool_frames(pat, self.cfg.pool_stride, self.cfg.pool_mode)
-            features.append(x.reshape(-1, x.shape[-1]))
-        return self.projector(torch.cat(features).to(self.projector.linear_1.weight.dtype))
+        cfg, newline, features = self.cfg, self.projector.image_newline, []
+        for x, pat, pooled, size in zip(unpooled.split(visual_frames), patches.split(visual_frames), visual_pooled,
+                                        image_sizes):
+            if pooled and cfg.pool_position == "before":
+                x = self.project(pool_frames(pat, cfg.pool_stride, cfg.pool_mode))
+            elif pooled:
+                x = pool_frames(self.project(pat), cfg.pool_stride, cfg.pool_mode)
+            elif size is not None:
+                x = self.pack_anyres(self.project(pat), size)
+            else:
+                x = self.project(x)
+            x = x.reshape(-1, x.shape[-1])
+            if newline is not None and size is None and (cfg.video_newline or not pooled):
+                x = torch.cat([x, newline[None].to(x.dtype)])
+            features.append(x)
+        return torch.cat(features)
 
-    def embed(self, input_ids, pixel_values=None, visual_frames=None, visual_pooled=None) -> torch.Tensor:
+    def project(self, x):
+        return self.projector(x.to(self.projector.linear_1.weight.dtype))
+
+    def pack_anyres(self, x, image_size) -> torch.Tensor:
+        """(1 + tiles, grid^2, D) projected base view and tiles -> (N, D): the base view's tokens, then the tiles'
+        token grid unpadded (and shrunk) as anyres_shape says, an image_newline ending each row (LLaVA-NeXT)."""
+        grid, dim = self.cfg.image_size // self.cfg.patch_size, x.shape[-1]
+        rows, cols = anyres_grid(self.cfg, image_size)
+        (height, width), kept = anyres_shape(self.cfg, image_size)
+        tiles = x[1:].view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * grid, cols * grid)
+        top, left = (rows * grid - height) // 2, (cols * grid - width) // 2
+        tiles = tiles[:, top:top + height, left:left + width]
+        if kept != (height, width):
+            tiles = F.interpolate(tiles[None], size=kept, mode="bilinear")[0]
+        newline = self.projector.image_newline.to(tiles.dtype)[:, None, None].expand(dim, kept[0], 1)
+        return torch.cat([x[0], torch.cat([tiles, newline], 2).flatten(1).T])
+
+    def embed(self, input_ids, pixel_values=None, visual_frames=None, visual_pooled=None,
+              image_sizes=None) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) embeddings with visual features written into the `<image>` positions.
 
         Each sample's `<image>` tokens must hold whole visuals, num_visual_tokens(...) each, in order: a
@@ -410,9 +522,10 @@ class LlavaStyleModel(nn.Module):
             return embeds
         visual_frames = visual_frames or [1] * len(pixel_values)
         visual_pooled = visual_pooled or [False] * len(visual_frames)
-        features = self.encode_visuals(pixel_values, visual_frames, visual_pooled)
-        visual_ends = set(itertools.accumulate(num_visual_tokens(self.cfg, f, p)
-                                               for f, p in zip(visual_frames, visual_pooled)))
+        image_sizes = image_sizes or [None] * len(visual_frames)
+        features = self.encode_visuals(pixel_values, visual_frames, visual_pooled, image_sizes)
+        visual_ends = set(itertools.accumulate(num_visual_tokens(self.cfg, f, p, s)
+                                               for f, p, s in zip(visual_frames, visual_pooled, image_sizes)))
         per_sample = slots.sum(1).tolist()
         if sum(per_sample) != len(features) or not set(itertools.accumulate(per_sample)) <= visual_ends | {0}:
             raise ValueError(
@@ -428,15 +541,19 @@ class LlavaStyleModel(nn.Module):
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
-                visual_pooled=None, position_ids=None, return_logits=True):
+                visual_pooled=None, image_sizes=None, pixel_values_videos=None, position_ids=None, return_logits=True):
         """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token
-        loss over labels != -100, computed as transformers' LLaVA does (fp32 logits).
+        loss over labels != -100, computed as transformers' LLaVA does (fp32 logits). transformers' LLaVA-NeXT /
+        OneVision inputs (5-D pixel_values with image_sizes, or pixel_values_videos) are read by hf_visuals.
 
         return_logits=False (training): the LM head runs only where a label is set, so no (B, L, V) logits
         exist: at 6K context most positions are visual tokens, and full fp32 logits over a 32k vocabulary
         are ~0.8 GB per sample. Same loss, same gradients; .logits is None."""
+        if pixel_values_videos is not None or (pixel_values is not None and pixel_values.dim() == 5):
+            input_ids, pixel_values, visual_frames, visual_pooled, image_sizes = self.hf_visuals(
+                input_ids, pixel_values, image_sizes, pixel_values_videos)
         with self.autocast():
-            embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
+            embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled, image_sizes)
             hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                            position_ids=position_ids).last_hidden_state
             if not return_logits and labels is not None:
@@ -451,9 +568,25 @@ class LlavaStyleModel(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    def hf_visuals(self, input_ids, pixel_values, image_sizes, videos):
+        """transformers' LlavaNext / LlavaOnevision inputs, one visual per sample -> (input_ids, frames,
+        visual_frames, visual_pooled, image_sizes) as encode_visuals takes them. Images: (B, max tiles, 3, S, S)
+        zero-padded past each image's tiles, with image_sizes (B, 2) as (height, width); videos: (B, T, 3, S, S)
+        at OneVision's `<video>` tokens."""
+        if videos is None:
+            sizes = [tuple(s) for s in torch.as_tensor(image_sizes).tolist()]
+            tiles = [1 + math.prod(anyres_grid(self.cfg, s)) for s in sizes]
+            frames = torch.cat([p[:n] for p, n in zip(pixel_values, tiles)])
+            return input_ids, frames, tiles, [False] * len(tiles), sizes
+        if pixel_values is not None or "<video>" not in self.tokenizer.get_vocab():
+            raise ValueError("videos as transformers gives them: one per sample, no images beside them, at the "
+                             "tokenizer's <video> token")
+        ids = input_ids.masked_fill(input_ids == self.tokenizer.convert_tokens_to_ids("<video>"), self.image_token_id)
+        return ids, videos.flatten(0, 1), [videos.shape[1]] * len(videos), [True] * len(videos), None
+
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
-                 max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0, streamer=None):
+                 image_sizes=None, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0, streamer=None):
         """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS;
         a transformers `streamer` (TextStreamer) receives the tokens as they come."""
         vocab = self.tokenizer.get_vocab()
@@ -461,7 +594,7 @@ class LlavaStyleModel(nn.Module):
         sampling = (dict(temperature=temperature, top_p=top_p) if do_sample
                     else dict(temperature=None, top_p=None, top_k=None))
         with self.autocast():
-            embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled)
+            embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled, image_sizes)
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
                                     pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **sampling)
@@ -493,6 +626,7 @@ class LlavaStyleModel(nn.Module):
             return cls.from_llava_hf(path, device=device, **overrides)
         with open(os.path.join(path, "model_config.json")) as f:
             saved = json.load(f)
+        saved.setdefault("pool_position", "before")  # saved before pooling could come after the projector
         names = {f.name for f in fields(ModelConfig)}
         cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
         model = build_model(cfg, device)
@@ -516,23 +650,36 @@ class LlavaStyleModel(nn.Module):
 
     @classmethod
     def from_llava_hf(cls, path_or_id: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
-        """Adopt a transformers `LlavaForConditionalGeneration` checkpoint (e.g. llava-hf/llava-1.5-7b-hf),
-        with its vision_feature_layer and select strategy."""
+        """Adopt a transformers LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint (llava-hf/llava-1.5-7b-hf,
+        llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf), with its vision feature layer,
+        select strategy, AnyRes grids and its class's conventions for videos and multi-image samples."""
         from transformers import AutoConfig
 
         llava = AutoConfig.from_pretrained(path_or_id)
+        if llava.model_type not in ADOPTED:
+            raise ValueError(f"{path_or_id}: a {llava.model_type!r} checkpoint ({', '.join(llava.architectures or [])})"
+                             " is not supported; model.py adopts transformers' Llava, LlavaNext and LlavaOnevision "
+                             "ForConditionalGeneration checkpoints")
         if not isinstance(llava.vision_feature_layer, int):
             raise ValueError(f"{path_or_id}: several vision feature layers {llava.vision_feature_layer} "
                              "are not supported")
+        layout = {}
+        if llava.model_type != "llava":
+            layout = dict(image_grid_pinpoints=[list(p) for p in llava.image_grid_pinpoints], multi_image="anyres")
+        if llava.model_type == "llava_onevision":  # videos: 2x2 bilinear after the projector, then a newline
+            max_tiles = re.fullmatch(r"anyres_max_(\d+)", llava.vision_aspect_ratio)
+            layout.update(anyres_max=int(max_tiles[1]) if max_tiles else 0, multi_image="tile", video_newline=True,
+                          pool_position="after", pool_mode="bilinear", pool_stride=2)
         cfg = ModelConfig(vision_model=path_or_id, language_model=path_or_id, llava_checkpoint=path_or_id,
                           vision_feature_layer=llava.vision_feature_layer,
-                          vision_feature_select_strategy=llava.vision_feature_select_strategy)
+                          vision_feature_select_strategy=llava.vision_feature_select_strategy, **layout)
         return build_model(replace(cfg, **overrides), device)
 
     def merge_to_llava_hf(self, out_dir: str):
-        """Write a plain transformers LLaVA checkpoint with LoRA folded in (vision truncated to the used
-        layers, so vision_feature_layer = -1), loadable by LlavaForConditionalGeneration and from_llava_hf."""
-        from transformers import LlavaConfig, LlavaForConditionalGeneration
+        """Write a plain transformers checkpoint with LoRA folded in (vision truncated to the used layers, so
+        vision_feature_layer = -1), loadable by transformers and from_llava_hf: LlavaOnevision for a model with
+        anyres_max, LlavaNext for one with AnyRes grids, else Llava."""
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
         full.tokenizer = self.tokenizer
@@ -540,13 +687,23 @@ class LlavaStyleModel(nn.Module):
         if unexpected:
             raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
         lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
-        config = LlavaConfig(vision_config=full.vision.config.to_dict(), text_config=lm.config.to_dict(),
-                             image_token_id=self.image_token_id, vision_feature_layer=-1,
-                             vision_feature_select_strategy="default" if self.cfg.has_cls else "full",
-                             projector_hidden_act="gelu", multimodal_projector_bias=True)
-        llava = LlavaForConditionalGeneration(config)
+        cfg, layout = self.cfg, {}
+        kind = "llava_onevision" if cfg.anyres_max else "llava_next" if cfg.image_grid_pinpoints else "llava"
+        if kind != "llava":
+            layout["image_grid_pinpoints"] = cfg.image_grid_pinpoints
+        if kind == "llava_onevision":  # without a <video> token, videos use the image token
+            layout.update(vision_aspect_ratio=f"anyres_max_{cfg.anyres_max}",
+                          video_token_index=self.tokenizer.get_vocab().get("<video>", self.image_token_id))
+        config = AutoConfig.for_model(kind, vision_config=full.vision.config.to_dict(), text_config=lm.config.to_dict(),
+                                      image_token_index=self.image_token_id, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="default" if cfg.has_cls else "full",
+                                      projector_hidden_act="gelu", multimodal_projector_bias=True, **layout)
+        llava = AutoModelForImageTextToText.from_config(config)
+        projector = full.projector.state_dict()
+        if (newline := projector.pop("image_newline", None)) is not None:
+            llava.model.image_newline.data.copy_(newline)
         llava.model.vision_tower.load_state_dict(full.vision.state_dict())
-        llava.model.multi_modal_projector.load_state_dict(full.projector.state_dict())
+        llava.model.multi_modal_projector.load_state_dict(projector)
         llava.model.language_model.load_state_dict(lm.get_decoder().state_dict())
         llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
         llava.save_pretrained(out_dir)

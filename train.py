@@ -102,8 +102,8 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
             p.add_argument(flag, action="append", metavar="PATH:RATIO", help=helps.get("data", ""))
         elif f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:  # a dict field (mark_style) is given as JSON
-            kind = f.type if f.type in (int, float) else json.loads if "dict" in str(f.type) else str
+        else:  # a dict or list field (mark_style, image_grid_pinpoints) is given as JSON
+            kind = f.type if f.type in (int, float) else json.loads if str(f.type).startswith(("dict", "list")) else str
             p.add_argument(flag, type=kind, help=text)
     args = vars(p.parse_args(argv))
     given = dict(defaults or {})

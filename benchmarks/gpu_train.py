@@ -103,8 +103,9 @@ def video_batch(frames: int, image_size: int, device: str, tokens_per_frame: int
 def build_ours(paths: dict, device: str, **overrides):
     from model import ModelConfig, build_model
 
-    cfg = ModelConfig(vision_model=paths["vision"], language_model=paths["lm"],
-                      dtype="bfloat16" if device == "cuda" else "float32", **overrides)
+    cfg = ModelConfig(vision_model=paths["vision"], language_model=paths["lm"], pool_position="before",
+                      pool_mode="average", dtype="bfloat16" if device == "cuda" else "float32", **overrides)  # as
+    # LLaVA-NeXT-Video pools, the class `theirs` measures; overrides may set INST-IT's after / bilinear
     return build_model(cfg, device=device)
 
 

@@ -98,7 +98,8 @@ def build_ours(path: str, kind: str, batch: dict):
     from model import LlavaStyleModel
 
     model = LlavaStyleModel.from_llava_hf(path, device="cpu", lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
-                                          lora_dropout=LORA["lora_dropout"], trainable_vision_layers=TRAINABLE_VISION_LAYERS)
+                                          lora_dropout=LORA["lora_dropout"], trainable_vision_layers=TRAINABLE_VISION_LAYERS,
+                                          pool_position="before", pool_mode="average")  # as LLaVA-NeXT-Video pools
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                   pixel_values=batch["pixels"], return_logits=False)  # as train.py calls it
     if kind == "video":

@@ -17,7 +17,7 @@ import data
 import train
 import som
 from conftest import make_tokenizer
-from model import ModelConfig, num_visual_tokens
+from model import ModelConfig, num_visual_tokens, preprocess_image
 
 CFG = ModelConfig(image_size=32, patch_size=8, has_cls=True, max_frames=8)  # 4x4 grid: 16 tokens, 4 pooled
 
@@ -49,8 +49,8 @@ def test_preprocess_pads_with_the_mean_and_matches_clip_processing():
     square = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     reference = Processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                           image_mean=cfg.image_mean, image_std=cfg.image_std)(square, return_tensors="pt")["pixel_values"][0]
-    assert torch.allclose(data.preprocess_image(square, cfg), reference, atol=1e-5)
-    wide = data.preprocess_image(Image.new("RGB", (64, 16), (255, 255, 255)), cfg)  # padded above and below
+    assert torch.allclose(preprocess_image(square, cfg), reference, atol=1e-5)
+    wide = preprocess_image(Image.new("RGB", (64, 16), (255, 255, 255)), cfg)  # padded above and below
     assert wide.shape == (3, 32, 32)
     assert wide[:, :8].abs().max() < 0.03 and wide[:, 16].min() > 1.5  # mean colour -> ~0; white stays white
 
@@ -209,7 +209,7 @@ def test_a_frame_list_longer_than_max_frames_is_sampled_uniformly(tok, tmp_path)
         frames.append(str(tmp_path / f"{i}.png"))
     out = data.encode_sample(sample(TWO_TURNS, [{"frames": frames, "pooled": True}]), tok, CFG)  # max_frames 8
     assert out["visual_frames"] == [8] and out["pixel_values"].shape[0] == 8
-    first_and_last = torch.stack([data.preprocess_image(image(0), CFG), data.preprocess_image(image(200), CFG)])
+    first_and_last = torch.stack([preprocess_image(image(0), CFG), data.preprocess_image(image(200), CFG)])
     assert torch.equal(out["pixel_values"][[0, -1]], first_and_last)
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import som
 from data import INSTRUCTIONS
+from model import ModelConfig
 
 U, A = "user", "assistant"
 
@@ -190,9 +191,12 @@ def test_llava_format(tmp_path, caplog):
         samples = {s["id"]: s for s in data.load_llava(write(tmp_path / "llava.json", records))}
     assert sorted(samples) == ["one", "text", "two", "vid"]
     assert samples["text"]["visuals"] == [] and samples["text"]["messages"] == chat((U, "Hi?"), (A, "Hello."))
-    assert samples["one"]["visuals"] == [{"frames": [str(tmp_path / "coco/1.jpg")], "pooled": False}]
-    assert [v["pooled"] for v in samples["two"]["visuals"]] == [True, True]  # several visuals are pooled
-    assert samples["vid"]["visuals"] == [{"video": str(tmp_path / "clips"), "pooled": True}]
+    assert samples["one"]["visuals"] == [{"frames": [str(tmp_path / "coco/1.jpg")]}]
+    assert samples["vid"]["visuals"] == [{"video": str(tmp_path / "clips")}]
+    inst_it, next_style = ModelConfig(), ModelConfig(image_grid_pinpoints=[[8, 16]], multi_image="anyres")
+    two = samples["two"]["visuals"]  # several images: pooled (INST-IT), or each AnyRes (a LLaVA-NeXT model)
+    assert [data.visual_layout(v, 1, 2, inst_it) for v in two] == [(True, None)] * 2
+    assert [data.visual_layout(v, 1, 2, next_style)[0] for v in two] == [False] * 2
     assert samples["vid"]["messages"][0]["content"] == "<image>\nWhat happens?"  # placeholder added
     assert "record #4 (id bad): conversations: 2 <image> placeholders for 1 images/videos" in caplog.text
     assert "record #5 (id who): conversations[0].from: unknown speaker 'robot'" in caplog.text
@@ -217,9 +221,10 @@ def test_mimicit_in_context_sequences(tmp_path, caplog):
     assert sorted(samples) == ["SD_INS_1", "SD_INS_2"]
     query = samples["SD_INS_1"]  # the in-context example first, then the query
     assert query["messages"] == chat((U, "<image>\nAny change?"), (A, "No."), (U, "<image>\nWhat differs?"), (A, "The cup moved."))
-    assert [len(v["frames"]) for v in query["visuals"]] == [1, 2] and all(v["pooled"] for v in query["visuals"])
+    assert [len(v["frames"]) for v in query["visuals"]] == [1, 2]
+    assert [data.visual_layout(v, len(v["frames"]), 2, ModelConfig()) for v in query["visuals"]] == [(True, None)] * 2
     assert data.open_image(query["visuals"][1]["frames"][1]).getpixel((0, 0)) == (20, 20, 20)
-    assert samples["SD_INS_2"]["visuals"][0]["pooled"] is False  # one image alone
+    assert data.visual_layout(samples["SD_INS_2"]["visuals"][0], 1, 1, ModelConfig()) == (False, None)  # alone
     assert "record SD_INS_3: SD_INS_3.image_ids: image zz not in" in caplog.text
     paired = {s["id"] for s in data.load_conversations(ins)}  # SD.json found beside SD_instructions.json
     assert paired == {"SD_INS_1", "SD_INS_2"}
