@@ -103,9 +103,9 @@ def video_batch(frames: int, image_size: int, device: str, tokens_per_frame: int
 def build_ours(paths: dict, device: str, **overrides):
     from model import ModelConfig, build_model
 
-    cfg = ModelConfig(vision_model=paths["vision"], language_model=paths["lm"], pool_position="before",
-                      pool_mode="average", dtype="bfloat16" if device == "cuda" else "float32", **overrides)  # as
-    # LLaVA-NeXT-Video pools, the class `theirs` measures; overrides may set INST-IT's after / bilinear
+    pooling = dict(pool_position="before", pool_mode="average")  # as LLaVA-NeXT-Video, the class `theirs` runs
+    cfg = ModelConfig(vision_model=paths["vision"], language_model=paths["lm"],
+                      dtype="bfloat16" if device == "cuda" else "float32", **{**pooling, **overrides})
     return build_model(cfg, device=device)
 
 
@@ -205,7 +205,9 @@ def memory(args):
         for r in args.ranks:
             for v in args.vision_layers:
                 model = build_ours(paths, args.device, load_in_4bit=four_bit, lora_r=r, lora_alpha=2 * r,
-                                   trainable_vision_layers=v, gradient_checkpointing=args.checkpointing)
+                                   trainable_vision_layers=v, gradient_checkpointing=args.checkpointing,
+                                   pool_position=args.pool_position,
+                                   pool_mode="average" if args.pool_position == "before" else "bilinear")
                 for frames in args.frames:
                     inputs, optimizer = ours_step_inputs(model, args.device, frames)
                     free(args.device)
@@ -220,7 +222,8 @@ def memory(args):
                     rows.append(row)
                     print(f"{row['weights']:7} {r:4} {v:6} {frames:6} {row['tokens']:6} "
                           f"{row['allocated_gb'] or 0:8.2f} {row['reserved_gb'] or 0:11.2f} {times[-1]:6.2f}", flush=True)
-                    write(args, {"lm": args.lm, "text_tokens": TEXT_TOKENS, "rows": rows})
+                    write(args, {"lm": args.lm, "pool_position": args.pool_position, "text_tokens": TEXT_TOKENS,
+                                 "rows": rows})
                     del inputs, optimizer
                 del model
                 free(args.device)
@@ -307,6 +310,9 @@ def main(argv=None):
     p.add_argument("--sides", type=lambda s: s.split(","), default=["ours", "theirs"])
     p.add_argument("--profile", action="store_true", help="throughput: print ours' kernels of one step by GPU time")
     p.add_argument("--tiny", action="store_true", help="tiny vision and LM configs (with --lm/--lms tiny)")
+    p.add_argument("--pool-position", default="before", choices=["before", "after"],
+                   help="memory: 2x2 pooling before the projector (average, as theirs) or after it (bilinear, "
+                        "model.py's default)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tmp", default=None, help="folder for the random checkpoints (7B: ~15 GB each)")
     p.add_argument("--out", default=None)

@@ -146,8 +146,19 @@ def test_multi_image_samples_follow_the_adopted_convention(hf):
         assert out["visual_frames"] == frames and out["image_sizes"] == sizes and out["visual_pooled"] == [False] * 2
         with torch.no_grad():  # the model packs exactly the expanded tokens
             model(**data.collate([out], model.tokenizer.pad_token_id))
-    ov = LlavaStyleModel.from_llava_hf(hf["ov"][0], device="cpu")
+    ov = LlavaStyleModel.from_llava_hf(hf["ov"][0], device="cpu").eval()
     assert num_visual_tokens(ov.cfg) == 25 + 1  # one square tile and its image_newline (OneVision)
+    video = {"id": "v", "visuals": [{"frames": [image(30, 40, seed=k) for k in range(3)]}],
+             "messages": [{"role": "user", "content": "<image> What moves?"}]}
+    prompt_ = data.encode_sample(video, ov.tokenizer, ov.cfg, add_generation_prompt=True)
+    assert prompt_["visual_pooled"] == [True] and (prompt_["input_ids"] == ov.image_token_id).sum() == 3 * 9 + 1
+    batch = data.collate([prompt_], ov.tokenizer.pad_token_id, "left")
+    batch.pop("labels")
+    assert ov.generate(**batch, max_new_tokens=3).shape[0] == 1  # generation takes the same batch
+    tiled = data.collate([data.encode_sample(dict(video, visuals=[{"frames": [image(40, 90)]}]), ov.tokenizer,
+                                             ov.cfg, add_generation_prompt=True)], ov.tokenizer.pad_token_id, "left")
+    tiled.pop("labels")
+    assert tiled["image_sizes"] == [(40, 90)] and ov.generate(**tiled, max_new_tokens=3).shape[0] == 1
 
 
 @pytest.mark.parametrize("kind", ["next", "ov", "composed"])
