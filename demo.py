@@ -53,13 +53,15 @@ DEMO_MARKS = MarkStyle(fill=0.0, colour=(255, 255, 255), grid=DEMO_PATCH)  # for
 DEMO_MODEL = dict(  # the model's settings: full LM training, the ViT's last layer, LLaVA-NeXT-Video's pooling
     lm_training="full", trainable_vision_layers=1, vision_feature_layer=-1, vision_feature_select_strategy="default",
     max_frames=8, pool_stride=2, pool_mode="average", pool_position="before", load_in_4bit=False,
-    gradient_checkpointing=False, mark_style=dataclasses.asdict(DEMO_MARKS))  # recorded in every checkpoint: evaluate.py ask draws the same marks
+    gradient_checkpointing=False,
+    mark_style=dataclasses.asdict(DEMO_MARKS))  # recorded in every checkpoint: evaluate.py ask draws the same marks
 DEMO_VISION_LAYERS = 4                 # the tiny ViT's depth
 DEMO_GENERAL_RATIO = 0.4               # share of LLaVA-style general questions in the demo's mixture
 DEMO_QUESTION_ROUNDS = 2               # draws of each question kind per scene in that data (repeats dropped)
 DEMO_READING_SHARE = 1.0               # the reading stage's steps, as a share of --max-steps (run before them)
 DEMO_READING_RATIO = 0.2               # share of reading chats kept in the mixture that follows, so it is not forgotten
 DEMO_PRETRAIN_BATCH = 32               # frames per step of the ViT's pretraining
+DEMO_BENCH_SCENES = 200                # the held-out bench (2,000 questions) at its own seed, whatever --scenes is
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,8 +465,8 @@ def run_demo(demo, cfg: train.TrainConfig, overrides: dict) -> dict:
     started, out = time.perf_counter(), Path(cfg.out)
     world = out / "world"
     train_records = synthetic_world(str(world), demo.scenes, cfg.seed, size=DEMO_IMAGE_SIZE, prefix="train")
-    bench_scenes = min(200, max(40, demo.scenes // 8))  # 200 scenes: 2,000 questions
-    bench_records = synthetic_world(str(world), bench_scenes, cfg.seed + 7919, size=DEMO_IMAGE_SIZE, prefix="bench")
+    bench_records = synthetic_world(str(world), DEMO_BENCH_SCENES, cfg.seed + 7919, size=DEMO_IMAGE_SIZE,
+                                    prefix="bench")
     som = world / "train_som"
     if demo.base_url:  # the real three-stage annotator on the same SoM frames
         client = annotate.LLMClient(demo.base_url, demo.annotator_model, str(world / "train.cache.jsonl"))

@@ -4,12 +4,19 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import data
 import evaluate
 import som
 import demo
+
+
+@pytest.fixture(autouse=True)
+def small_bench(monkeypatch):
+    """The demo's bench is 200 scenes (2,000 questions); 40 keep these runs short."""
+    monkeypatch.setattr(demo, "DEMO_BENCH_SCENES", 40)
 
 
 def test_rle_round_trip():
