@@ -36,6 +36,7 @@ STAGES = {
     "sft": dict(lm_training="lora", trainable_vision_layers=0),       # projector + LoRA, vision frozen
     "continuous": dict(lm_training="lora", trainable_vision_layers=12),  # INST-IT: + last 12 vision layers
 }
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # --optim: build_optimizer
 
 
 @dataclass
@@ -53,6 +54,8 @@ class TrainConfig:
     projector_lr: float = 2e-5                # projector learning rate
     vision_lr: float = 2e-6                   # the trained vision tail learns 10x slower (LLaVA-NeXT)
     weight_decay: float = 0.0                 # AdamW's decoupled weight decay
+    optim: str = "adamw"                      # "adamw" (torch), "adamw_8bit" or "paged_adamw_8bit" (bitsandbytes,
+    #                                           8-bit state: small cards); a run resumes with the one it was saved with
     warmup_ratio: float = 0.03                # cosine schedule with linear warmup over this share of the steps
     batch_size: int = 1                       # per device, per micro-step
     grad_accum: int = 8                       # micro-steps per optimizer step
@@ -65,6 +68,8 @@ class TrainConfig:
     log_every: int = 1                        # write metrics.jsonl every K steps
     save_every: int = 500                     # checkpoint every K steps (and when stopped by a signal)
     compile: bool = False                     # torch.compile each transformer block (model.compile_blocks)
+    expandable_segments: bool = False         # CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less
+    #                                           fragmentation) unless you set PYTORCH_(CUDA_)ALLOC_CONF yourself
     report_to: str | None = None              # "tensorboard" or "wandb", through accelerate
     eval_bench: str | None = None             # an INST-IT Bench file/folder scored at the end (evaluate.run_bench)
     eval_every: int = 0                       # > 0: also score it every K steps
@@ -117,6 +122,8 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in train_names})
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage must be one of {list(STAGES)}, got {cfg.stage!r}")
+    if cfg.optim not in OPTIMIZERS:
+        raise SystemExit(f"--optim must be one of {list(OPTIMIZERS)}, got {cfg.optim!r}")
     model_overrides = {**STAGES[cfg.stage], **{k: v for k, v in given.items() if k not in train_names}}
     parse_sources(cfg.data)  # fail on a bad path or ratio before any model is loaded
     return cfg, model_overrides
@@ -272,6 +279,18 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def build_optimizer(cfg: TrainConfig, groups: dict, base_lr: dict) -> torch.optim.Optimizer:
+    """{part: trained parameters} -> one named group per part at its base rate, in torch's AdamW (two fp32 moments
+    per trained value) or bitsandbytes' 8-bit AdamW (moments block-wise quantized, Dettmers et al. 2022: a quarter
+    of the memory; fp32 state kept for tensors under 4,096 values), paged: the state may spill to CPU memory."""
+    params = [{"params": ps, "lr": base_lr[part], "name": part} for part, ps in groups.items() if ps]
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+    paged = cfg.optim == "paged_adamw_8bit"
+    return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, weight_decay=cfg.weight_decay)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: everything needed to continue exactly.
 
@@ -322,12 +341,20 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     sources = parse_sources(cfg.data)
     if not sources:
         raise SystemExit("no --data given")
+    if cfg.expandable_segments and not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read when CUDA starts: just below
     # find_unused_parameters: a text-only batch never reaches the vision tower and projector (mixed tuning)
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                               log_with=cfg.report_to, project_dir=cfg.out,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    saved = os.path.join(cfg.out, "config.json")
+    if resume_from and os.path.exists(saved):  # an optimizer's state loads only into the kind that saved it
+        was = data.read_json(saved)["train"].get("optim", "adamw")
+        if was != cfg.optim:
+            raise SystemExit(f"{resume_from} was saved with --optim {was}; resume it with --optim {was}, "
+                             f"not {cfg.optim}")
     if resume_from:  # rebuild the same model, then load its trained tensors
         model = LlavaStyleModel.from_pretrained(resume_from, device=accelerator.device)
     else:
@@ -337,8 +364,7 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     torch.manual_seed(cfg.seed + accelerator.process_index)  # built alike, but each process its own dropout masks
     groups = model.parameter_groups()  # after prepare, as accelerate asks (a wrapper may replace parameters)
     base_lr = {"projector": cfg.projector_lr, "vision": cfg.vision_lr, "language": cfg.lr}
-    optimizer = torch.optim.AdamW([{"params": ps, "lr": base_lr[name], "name": name} for name, ps in groups.items()
-                                   if ps], weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg, groups, base_lr)
     total = cfg.max_steps or max(1, int(cfg.epochs * len(sampler) / cfg.grad_accum))
     step = micro = 0
     if resume_from:
