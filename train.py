@@ -10,6 +10,7 @@ learning rate `learning_rate` gives for the step; `log_and_checkpoint` writes me
 checkpoint holds trained weights, optimizer, RNG states and the data position, so `--resume` continues exactly.
 """
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -21,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
@@ -124,14 +126,20 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
         raise SystemExit(f"--stage must be one of {list(STAGES)}, got {cfg.stage!r}")
     if cfg.optim not in OPTIMIZERS:
         raise SystemExit(f"--optim must be one of {list(OPTIMIZERS)}, got {cfg.optim!r}")
+    for name, least in [("batch_size", 1), ("grad_accum", 1), ("max_length", 1), ("log_every", 1),
+                        ("save_every", 1), ("max_steps", 0)]:
+        if getattr(cfg, name) < least:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
+    if cfg.eval_bench and not os.path.exists(cfg.eval_bench):  # read at the end: a wrong path would lose the run
+        raise SystemExit(f"--eval-bench {cfg.eval_bench}: no such file or folder")
     model_overrides = {**STAGES[cfg.stage], **{k: v for k, v in given.items() if k not in train_names}}
     parse_sources(cfg.data)  # fail on a bad path or ratio before any model is loaded
     return cfg, model_overrides
 
 
 def read_config(path: str, known) -> dict:
-    """A JSON or YAML config file -> {field: value}, numbers given as strings converted to the field's type
-    (YAML reads 2e-5 as a string), so a bad value fails here and not after the model has loaded."""
+    """A JSON or YAML config file -> {field: value}, each value converted to its field's type (field_value), so a
+    bad value fails here and not after the model has loaded."""
     with open(path) as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -139,14 +147,27 @@ def read_config(path: str, known) -> dict:
         else:
             given = json.load(f)
     types = {f.name: f.type for f in known}
-    for name, value in given.items():
-        if types.get(name) in (int, float) and isinstance(value, str):
-            try:
-                given[name] = types[name](value)
-            except ValueError:
-                kind = "an int" if types[name] is int else "a number"
-                raise SystemExit(f"{path}: {name} = {value!r} is not {kind}")
-    return given
+    return {name: field_value(path, name, value, types.get(name)) for name, value in given.items()}
+
+
+def field_value(path: str, name: str, value, kind):
+    """A config file's value as its field's type, or SystemExit naming the file and field. Strings convert where
+    they are meant so: numbers (YAML reads 2e-5 as a string), booleans ("no" is False, not a true string), a lone
+    --data source (not a list of its characters)."""
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # `str | None` -> str
+    if kind is None or (value is None and base is not kind):
+        return value
+    if isinstance(value, str) and base is bool:
+        value = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(
+            value.lower(), value)
+    elif isinstance(value, str) and base in (int, float):
+        with contextlib.suppress(ValueError):
+            value = base(value)
+    elif base is float and type(value) is int or name == "data" and isinstance(value, str):
+        value = float(value) if base is float else [value]
+    if type(value) is not base:
+        raise SystemExit(f"{path}: {name} = {value!r} is not {'a number' if base is float else base.__name__}")
+    return value
 
 
 def parse_sources(specs: list[str]) -> list[tuple[str, float]]:
@@ -349,6 +370,8 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
+    if not cfg.resume and (latest_checkpoint(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))):
+        raise SystemExit(f"{cfg.out} already holds a run: --resume continues it, or give another --out")
     saved = os.path.join(cfg.out, "config.json")
     if resume_from and os.path.exists(saved):  # an optimizer's state loads only into the kind that saved it
         was = data.read_json(saved)["train"].get("optim", "adamw")
@@ -423,6 +446,9 @@ def train_step(run, cfg: TrainConfig) -> dict:
                                                       else "no checkpoint was saved yet (see --save-every)"))
             accelerator.backward(loss / cfg.grad_accum)
         loss_sum += loss.item() / cfg.grad_accum
+    if not tokens:
+        raise SystemExit(f"step {run.step + 1}: all samples of its {cfg.grad_accum} micro-batches were dropped "
+                         f"(longer than --max-length {cfg.max_length}? see the warnings above): nothing to learn")
     grad_norm = accelerator.clip_grad_norm_([p for ps in run.groups.values() for p in ps], cfg.max_grad_norm)
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(run, group["name"])

@@ -1,6 +1,7 @@
 """train.py: the loop learns, freezing holds, resume is exact, stages and bad inputs behave."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,39 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, colour_data):
     (tmp_path / "bad.yaml").write_text("lr: fast\n")
     with pytest.raises(SystemExit, match="bad.yaml: lr = 'fast' is not a number"):
         train.parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_config_values_take_their_fields_types_or_are_refused(tmp_path, colour_data):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"resume: 'no'\nlr: 1\ngradient_checkpointing: 'yes'\ndata: '{colour_data}/llava.json:1'\n")
+    cfg, model = train.parse_args(["--config", str(config)])
+    assert cfg.resume is False and cfg.lr == 1.0 and model["gradient_checkpointing"] is True
+    assert cfg.data == [f"{colour_data}/llava.json:1"]  # one source, not a list of its characters
+    for bad, message in [("resume: maybe", "resume = 'maybe' is not bool"), ("batch_size: [2]", "batch_size = [2] is "
+                         "not int"), ("batch_size: true", "batch_size = True is not int"),
+                         ("lr: fast", "lr = 'fast' is not a number"), ("mark_style: 3", "mark_style = 3 is not dict")]:
+        config.write_text(bad + "\n")
+        with pytest.raises(SystemExit, match=re.escape(f"run.yaml: {message}")):
+            train.parse_args(["--config", str(config)])
+
+
+def test_ranges_and_paths_are_checked_before_a_model_loads(colour_data):
+    data = ["--data", f"{colour_data}/llava.json"]
+    for flag, value in [("--batch-size", "0"), ("--grad-accum", "0"), ("--max-steps", "-1"), ("--max-length", "0")]:
+        with pytest.raises(SystemExit, match=f"{flag} must be >= "):
+            train.parse_args([*data, flag, value])
+    with pytest.raises(SystemExit, match="--eval-bench .*nowhere: no such file or folder"):
+        train.parse_args([*data, "--eval-bench", "nowhere"])
+
+
+def test_a_second_run_into_one_out_is_refused_and_all_dropped_steps_stop(tiny, colour_data, tmp_path):
+    train.main(args(tiny, colour_data, tmp_path, "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="already holds a run: --resume continues it"):
+        train.main(args(tiny, colour_data, tmp_path, "--max-steps", "1"))
+    assert len(losses(tmp_path)) == 1  # its metrics were not appended to
+    with pytest.raises(SystemExit, match="step 1: all samples .* dropped .*--max-length 8"):
+        train.main(args(tiny, colour_data, tmp_path / "short", "--max-steps", "2", "--max-length", "8"))
+    assert not (tmp_path / "short" / "final").exists()  # no untrained final/
 
 
 def test_yaml_config_with_flags_overriding_it(tmp_path, colour_data):
