@@ -39,6 +39,9 @@ STAGES = {
     "continuous": dict(lm_training="lora", trainable_vision_layers=12),  # INST-IT: + last 12 vision layers
 }
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # --optim: build_optimizer
+RESUME_FIXED = ("data", "media_root", "templates", "stage", "optim", "batch_size", "max_length", "seed")  # + model
+RESUME_SCHEDULE = ("lr", "projector_lr", "vision_lr", "weight_decay", "warmup_ratio", "max_grad_norm", "grad_accum",
+                   "max_steps", "epochs")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class TrainConfig:
     out: str = "runs/train"                   # the run's folder: metrics.jsonl, checkpoints, final/
     run_name: str | None = None               # names the run in its progress bar (default: --out's folder name)
     resume: bool = False                      # continue from the latest checkpoint in --out
+    resume_changes: bool = False              # --resume may change learning rates and the schedule (RESUME_SCHEDULE)
     lr: float = 2e-4                          # language model (LoRA) learning rate
     projector_lr: float = 2e-5                # projector learning rate
     vision_lr: float = 2e-6                   # the trained vision tail learns 10x slower (LLaVA-NeXT)
@@ -372,12 +376,8 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
     if not cfg.resume and (latest_checkpoint(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))):
         raise SystemExit(f"{cfg.out} already holds a run: --resume continues it, or give another --out")
-    saved = os.path.join(cfg.out, "config.json")
-    if resume_from and os.path.exists(saved):  # an optimizer's state loads only into the kind that saved it
-        was = data.read_json(saved)["train"].get("optim", "adamw")
-        if was != cfg.optim:
-            raise SystemExit(f"{resume_from} was saved with --optim {was}; resume it with --optim {was}, "
-                             f"not {cfg.optim}")
+    if resume_from and os.path.exists(os.path.join(cfg.out, "config.json")):
+        check_resume(data.read_json(os.path.join(cfg.out, "config.json")), cfg, overrides, resume_from)
     if resume_from:  # rebuild the same model, then load its trained tensors
         model = LlavaStyleModel.from_pretrained(resume_from, device=accelerator.device)
     else:
@@ -393,6 +393,8 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     if resume_from:
         state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the state's own would win over a changed --weight-decay
+            group["weight_decay"] = cfg.weight_decay
         step, micro = state["step"], state["micro_batches"]
         rng = state["rng"]  # one entry per process of the run that saved it
         set_rng_states(rng[min(accelerator.process_index, len(rng) - 1)])
@@ -415,6 +417,19 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
         base_lr=base_lr, stream=stream, step=step, micro=micro, total=total, warmup=int(cfg.warmup_ratio * total),
         log_file=open(os.path.join(cfg.out, "metrics.jsonl"), "a", buffering=1) if main else None,  # line-flushed
         bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False)
+
+
+def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str):
+    """A checkpoint continues the run that saved it (config.json): the model's fields, the data and the optimizer's
+    kind stay; learning rates and the schedule change only with --resume-changes, then applied and recorded."""
+    was = {"optim": "adamw", **saved["train"], **saved["model"]}
+    now = json.loads(json.dumps({**{k: getattr(cfg, k) for k in RESUME_FIXED + RESUME_SCHEDULE}, **overrides}))
+    changed = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+    fixed = [k for k in changed if k not in RESUME_SCHEDULE]
+    if fixed or (changed and not cfg.resume_changes):
+        said = [", ".join(f"--{k.replace('_', '-')} {v[i]}" for k, v in changed.items()) for i in (0, 1)]
+        raise SystemExit(f"{checkpoint} was saved with {said[0]}; resume it with the same, not {said[1]}"
+                         + ("" if fixed else " (or allow that with --resume-changes)"))
 
 
 def learning_rate(run, name: str) -> float:

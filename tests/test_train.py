@@ -152,6 +152,23 @@ def test_a_second_run_into_one_out_is_refused_and_all_dropped_steps_stop(tiny, c
     assert not (tmp_path / "short" / "final").exists()  # no untrained final/
 
 
+def test_resume_keeps_the_run_as_saved_unless_changes_are_allowed(tiny, colour_data, tmp_path):
+    first = args(tiny, colour_data, tmp_path, "--max-steps", "2", "--save-every", "1")
+    train.main(first)
+    for extra, said in [(["--lora-r", "16"], "--lora-r 8; resume it with the same, not --lora-r 16$"),
+                        (["--data", f"{colour_data}/text.json"], "--data .*; resume it with the same, not --data .*text.json"),
+                        (["--lr", "0.5"], "--lr 0.003; .* not --lr 0.5 \\(or allow that with --resume-changes\\)")]:
+        with pytest.raises(SystemExit, match="checkpoint-2 was saved with " + said):
+            train.main([*first, "--resume", *extra])
+    train.main([*first, "--resume", "--resume-changes", "--lr", "0.5", "--weight-decay", "0.1", "--max-steps", "3"])
+    last = json.loads(open(tmp_path / "metrics.jsonl").read().splitlines()[-1])
+    assert last["step"] == 3 and last["lr"] == pytest.approx(0.5 * train.cosine_with_warmup(2, 3, 0))  # applied
+    saved = json.load(open(tmp_path / "config.json"))["train"]
+    assert (saved["lr"], saved["weight_decay"], saved["max_steps"]) == (0.5, 0.1, 3)  # and recorded
+    state = torch.load(tmp_path / "checkpoint-3" / "train_state.pt", weights_only=False)["optimizer"]
+    assert {g["weight_decay"] for g in state["param_groups"]} == {0.1}
+
+
 def test_yaml_config_with_flags_overriding_it(tmp_path, colour_data):
     (tmp_path / "run.yaml").write_text(f"lr: 2e-5\nmax_steps: '7'\nstage: sft\nlora_r: 4\n"
                                        f"data: ['{colour_data}/llava.json:0.7', '{colour_data}/text.json:0.3']\n")
