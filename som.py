@@ -111,6 +111,9 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
         mask = spec.astype(bool)
     elif isinstance(spec, (list, tuple)) and len(spec) == 4 and all(isinstance(v, (int, float)) for v in spec):
         x0, y0, x1, y1 = spec
+        if x1 < x0 or y1 < y0:  # an empty mask is legal (absent from a frame), a reversed box is not
+            raise ValueError(f"instance {instance_id}: box {list(spec)} has x1 < x0 or y1 < y0 "
+                             "(expected [x0, y0, x1, y1])")
         mask = np.zeros((h, w), bool)
         mask[max(0, math.floor(y0)):max(0, math.ceil(y1)), max(0, math.floor(x0)):max(0, math.ceil(x1))] = True
     elif isinstance(spec, (list, tuple)) and spec:
@@ -303,13 +306,20 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder for the marked frames")
     p.add_argument("--fill", type=float, default=MarkStyle.fill, help="opacity of the mask tint (0: contour only)")
     args = p.parse_args(argv)
+    if not 0 <= args.fill <= 1:
+        p.error(f"--fill must be between 0 and 1, got {args.fill}")
     try:
         with open(args.masks, encoding="utf-8") as f:
             masks = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{args.masks}: cannot read the masks ({e})")
     if os.path.isdir(args.source):
-        jobs = [(os.path.join(args.source, n), masks.get(n, {})) for n in frame_files(args.source)]
+        names = frame_files(args.source)
+        if not names or not set(masks) & set(names):
+            raise SystemExit(f"{args.source}: no frames ({'/'.join(IMAGE_EXTS)})" if not names else
+                             f"{args.masks}: no key names a frame of {args.source} (keys {sorted(masks)[:3]}, frames "
+                             f"{names[:3]}); key the masks by frame file name")
+        jobs = [(os.path.join(args.source, n), masks.get(n, {})) for n in names]
     else:
         jobs = [(args.source, masks)]
     os.makedirs(args.out, exist_ok=True)

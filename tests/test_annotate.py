@@ -351,6 +351,11 @@ def test_bad_input_names_the_file_and_record(media, server, capsys):
     (media / "cut.json").write_text(json.dumps(records)[:-20])  # a file cut short, as by a killed copy
     with pytest.raises(ValueError, match=r"cut.json: not valid JSON"):
         annotate.read_input(media / "cut.json")
+    records[2]["segmentations"]["2"] = {"box": [50, 20, 30, 40]}  # reversed: was dropped, the others still named
+    (media / "in.json").write_text(json.dumps(records))
+    assert annotate.main(cli(media, server, "out2/out.json")) == 1
+    assert ("FAILED image_id=9: segmentations of 9.jpg: instance 2: box [50, 20, 30, 40] has x1 < x0"
+            in capsys.readouterr().err)
 
 
 def test_refs_are_normalised_and_checked():

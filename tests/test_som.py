@@ -205,3 +205,24 @@ def test_marks_scale_with_the_image():
 
     small, large = ink_pixels(224), ink_pixels(1792)
     assert large > 30 * small  # 8x the side: lines and label grow with it (area ~64x)
+
+
+def test_a_reversed_box_is_an_error_an_empty_mask_is_not():
+    with pytest.raises(ValueError, match=r"instance 3: box \[10, 10, 5, 20\] has x1 < x0 or y1 < y0"):
+        som.instance_mask({"box": [10, 10, 5, 20]}, (32, 32), 3)
+    assert not som.instance_mask({"box": [5, 5, 5, 5]}, (32, 32)).any()  # empty: absent from this frame
+
+
+def test_command_line_refuses_what_would_write_frames_without_marks(tmp_path):
+    import json
+
+    frames, out = tmp_path / "frames", str(tmp_path / "out")
+    frames.mkdir()
+    (tmp_path / "m.json").write_text(json.dumps({"frame_0.jpg": {"1": [2, 2, 20, 20]}}))  # keyed by another name
+    with pytest.raises(SystemExit, match="frames: no frames"):
+        som.main([str(frames), "--masks", str(tmp_path / "m.json"), "--out", out])
+    Image.new("RGB", (32, 32)).save(frames / "00000.jpg")
+    with pytest.raises(SystemExit, match=r"m.json: no key names a frame .*\['frame_0.jpg'\].*\['00000.jpg'\]"):
+        som.main([str(frames), "--masks", str(tmp_path / "m.json"), "--out", out])
+    with pytest.raises(SystemExit):  # a uint8 wrap-around would make garbage colours
+        som.main([str(frames), "--masks", str(tmp_path / "m.json"), "--out", out, "--fill", "5"])
