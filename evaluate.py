@@ -95,12 +95,20 @@ def extract_choice(response: str, options) -> str | None:
 
 
 def score_mc(predictions: list[dict]) -> dict:
-    """Records (model_prediction, ground_truth letter, optional options) -> {score, total, unparsed (counted wrong)}."""
+    """Records (model_prediction, ground_truth: a letter, or an option's text where options map letters to texts,
+    as run's loader reads it) -> {score, total, unparsed (counted wrong)}; a ground truth that is no option is an
+    error."""
     correct = unparsed = 0
     for p in predictions:
-        choice = extract_choice(p["model_prediction"], p.get("options") or "ABCD")
+        options, truth = p.get("options") or "ABCD", str(p["ground_truth"]).strip()
+        if isinstance(options, dict):
+            truth = next((k for k, v in options.items() if str(v).strip().lower() == truth.lower()), truth)
+        if truth.upper() not in [str(o).upper() for o in options]:
+            raise ValueError(f"question {p['question_id']}: ground truth {truth!r} is none of the options "
+                             f"{list(options)}")
+        choice = extract_choice(p["model_prediction"], options)
         unparsed += choice is None
-        correct += choice == str(p["ground_truth"]).strip().upper()
+        correct += choice == truth.upper()
     total = len(predictions)
     return {"score": 100 * correct / total if total else 0.0, "total": total, "unparsed": unparsed}
 
@@ -157,6 +165,9 @@ def load_predictions(path: str) -> list[dict]:
             raise SystemExit(f"{path}: neither JSON nor JSONL ({e})")
     if not isinstance(records, list) or not records:
         raise SystemExit(f"{path}: no predictions found")
+    counts = Counter((r.get("split"), r.get("question_id")) for r in records if isinstance(r, dict))
+    if repeated := [(key, n) for key, n in counts.items() if n > 1]:  # it would count n times
+        raise SystemExit(f"{path}: question_id {repeated[0][0][1]!r} appears {repeated[0][1]} times")
     for i, r in enumerate(records):
         missing = [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]
         if missing:
@@ -536,7 +547,10 @@ def main(argv=None):
         return ask_main(args)
     if args.command == "score":
         predictions = load_predictions(args.predictions)
-        result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))
+        try:
+            result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))
+        except ValueError as e:
+            raise SystemExit(f"{args.predictions}: {e}")
         data.write_json(args.out, result)
         print(json.dumps(result))
         return result

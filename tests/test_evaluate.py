@@ -114,6 +114,21 @@ def test_score_cli_mc_and_bad_prediction_files(tmp_path):
         evaluate.load_predictions(str(preds))
 
 
+
+def test_score_refuses_repeats_and_ground_truths_that_are_no_option(tmp_path):
+    preds, out = tmp_path / "p.json", str(tmp_path / "s.json")
+    row = {"question_id": "7", "question": "?", "model_prediction": "A", "ground_truth": "A"}
+    preds.write_text(json.dumps([row, row, row, {**row, "question_id": "8", "ground_truth": "B"}]))
+    with pytest.raises(SystemExit, match="p.json: question_id '7' appears 3 times"):  # it scored 75.0 over 4
+        evaluate.main(["score", "--predictions", str(preds), "--mode", "mc", "--out", out])
+    options = {"A": "a red circle", "B": "a blue square"}  # a ground truth given as the option's text
+    preds.write_text(json.dumps([{**row, "options": options, "ground_truth": "a red circle"}]))
+    assert evaluate.main(["score", "--predictions", str(preds), "--mode", "mc", "--out", out])["score"] == 100.0
+    preds.write_text(json.dumps([{**row, "options": options, "ground_truth": "E"}]))
+    with pytest.raises(SystemExit, match=r"p.json: question 7: ground truth 'E' is none of the options \['A', 'B'\]"):
+        evaluate.main(["score", "--predictions", str(preds), "--mode", "mc", "--out", out])
+
+
 def test_offline_oe_is_reported_as_proxy_not_judge():
     result = evaluate.score_oe(OE)
     assert "score" not in result and result["total"] == 2 and 0 < result["oe_proxy"] < 100
