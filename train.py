@@ -10,7 +10,6 @@ learning rate `learning_rate` gives for the step; `log_and_checkpoint` writes me
 checkpoint holds trained weights, optimizer, RNG states and the data position, so `--resume` continues exactly.
 """
 import argparse
-import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -23,7 +22,7 @@ import signal
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
@@ -165,10 +164,12 @@ def field_value(path: str, name: str, value, kind):
         value = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(
             value.lower(), value)
     elif isinstance(value, str) and base in (int, float):
-        with contextlib.suppress(ValueError):
+        with suppress(ValueError):
             value = base(value)
-    elif base is float and type(value) is int or name == "data" and isinstance(value, str):
-        value = float(value) if base is float else [value]
+    elif base is float and type(value) is int:
+        value = float(value)
+    elif name == "data" and isinstance(value, str):
+        value = [value]
     if type(value) is not base:
         raise SystemExit(f"{path}: {name} = {value!r} is not {'a number' if base is float else base.__name__}")
     return value
