@@ -463,6 +463,9 @@ def run_demo(demo, cfg: train.TrainConfig, overrides: dict) -> dict:
     `demo`: the demo's own flags (scenes, som, vision_pretrain_steps, base_url, annotator_model); --no-som
     shows the model the same frames without marks (the annotations still name the [IDs])."""
     started, out = time.perf_counter(), Path(cfg.out)
+    if not cfg.resume and (out / "reading").exists():  # train.py would refuse a second run there: say it for the demo
+        raise SystemExit(f"{out} holds a demo run already: add --resume to continue it, or give another --out "
+                         f"(make demo: rm -r {out} first)")
     world = out / "world"
     train_records = synthetic_world(str(world), demo.scenes, cfg.seed, size=DEMO_IMAGE_SIZE, prefix="train")
     bench_records = synthetic_world(str(world), DEMO_BENCH_SCENES, cfg.seed + 7919, size=DEMO_IMAGE_SIZE,

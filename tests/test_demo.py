@@ -153,6 +153,8 @@ def test_demo_resume_skips_a_finished_reading_stage(tmp_path):
     assert (tmp_path / "reading" / "metrics.jsonl").read_text() == reading_log  # the reading stage did not run again
     assert (tmp_path / "vision" / "model.safetensors").stat().st_mtime_ns == vit  # nor the ViT's pretraining
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="holds a demo run already: add --resume"):  # a second run, not resumed
+        demo.main(args)
 
 
 def test_reading_data_marks_one_instance_and_asks_its_number_first(tmp_path):
