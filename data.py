@@ -115,7 +115,7 @@ def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int
 
 
 # ---------------------------------------------------------------------------------------------------
-# Frames to tokens: pixels, chat template, labels, collation, mixture sampling.
+# Frames to tokens: chat template, labels, visual layout (pooled or AnyRes), collation.
 
 def load_visual(visual: dict, cfg: ModelConfig) -> list[Image.Image]:
     """A sample's visual -> its RGB frames: read from paths/bytes or sampled from a video (cfg.max_frames),
