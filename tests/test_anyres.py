@@ -61,7 +61,8 @@ def image(height, width, seed=0):
 def prompt(model, counts, token_id=None, seed=0):
     """Right-padded ids: BOS, text, one visual's tokens (counts[i] of them), text; labels on the last text."""
     g = torch.Generator().manual_seed(seed)
-    rows = [[1, 20, 21] + [token_id or model.image_token_id] * n + torch.randint(10, 300, (4 + i,), generator=g).tolist()
+    token = token_id or model.image_token_id
+    rows = [[1, 20, 21] + [token] * n + torch.randint(10, 300, (4 + i,), generator=g).tolist()
             for i, n in enumerate(counts)]
     ids = torch.full((len(rows), max(map(len, rows))), model.tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
@@ -84,10 +85,10 @@ def test_anyres_pixels_and_token_counts_equal_transformers(hf, kind):
         assert tiles.shape == theirs["pixel_values"][0].shape
         assert (tiles - theirs["pixel_values"][0]).abs().max() <= 1e-5, (h, w)
         with torch.no_grad():
-            packed = ref.model.get_image_features(pixel_values=theirs["pixel_values"], image_sizes=theirs["image_sizes"],
-                                                  vision_feature_layer=ref.config.vision_feature_layer,
-                                                  vision_feature_select_strategy=ref.config.vision_feature_select_strategy
-                                                  ).pooler_output[0]
+            packed = ref.model.get_image_features(
+                pixel_values=theirs["pixel_values"], image_sizes=theirs["image_sizes"],
+                vision_feature_layer=ref.config.vision_feature_layer,
+                vision_feature_select_strategy=ref.config.vision_feature_select_strategy).pooler_output[0]
         assert num_visual_tokens(ours.cfg, image_size=(h, w)) == len(packed), (h, w)
     if kind == "ov":  # the large image was shrunk to anyres_max tiles' worth
         assert num_visual_tokens(ours.cfg, image_size=(300, 120)) < 25 + 20 * 11
@@ -175,14 +176,16 @@ def test_merge_writes_the_class_the_model_came_from(hf, tiny, tmp_path, kind):
     model.eval()
     model.merge_to_llava_hf(str(tmp_path))
     merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path)).eval()
-    assert type(merged) is (LlavaOnevisionForConditionalGeneration if kind == "ov" else LlavaNextForConditionalGeneration)
+    expected_class = LlavaOnevisionForConditionalGeneration if kind == "ov" else LlavaNextForConditionalGeneration
+    assert type(merged) is expected_class
     size = (40, 90) if kind != "ov" else (70, 200)
     tiles = torch.stack(data.anyres_tiles(image(*size), model.cfg))[None]
     batch = prompt(model, [num_visual_tokens(model.cfg, image_size=size)])
     again = LlavaStyleModel.from_pretrained(str(tmp_path), device="cpu").eval()
     with torch.no_grad():
         expected = model(**batch, pixel_values=tiles, image_sizes=[size]).logits
-        assert (merged(**batch, pixel_values=tiles, image_sizes=torch.tensor([size])).logits - expected).abs().max() <= 1e-4
+        theirs = merged(**batch, pixel_values=tiles, image_sizes=torch.tensor([size])).logits
+        assert (theirs - expected).abs().max() <= 1e-4
         assert (again(**batch, pixel_values=tiles, image_sizes=[size]).logits - expected).abs().max() <= 1e-4
 
 
