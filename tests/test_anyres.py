@@ -206,6 +206,16 @@ def test_pooling_position_defaults_and_old_checkpoints(tiny, tmp_path):
         build_model(ModelConfig(vision_model=tiny["clip"], language_model=tiny["llama"], pool_position="middle"))
 
 
+def test_bad_layouts_and_mixed_transformers_inputs_are_refused(hf, tiny):
+    with pytest.raises(ValueError, match="multi_image must be one of"):
+        build_model(ModelConfig(vision_model=tiny["clip"], language_model=tiny["llama"], multi_image="mosaic"))
+    ov = LlavaStyleModel.from_llava_hf(hf["ov"][0], device="cpu")
+    batch = prompt(ov, [4])
+    with pytest.raises(ValueError, match="one per sample, no images beside them"):
+        ov(**batch, pixel_values=torch.randn(1, 2, 3, 30, 30), image_sizes=[(30, 30)],
+           pixel_values_videos=torch.randn(1, 2, 3, 30, 30))
+
+
 def test_unsupported_checkpoints_are_refused(tiny):
     with pytest.raises(ValueError, match="'llama' checkpoint .* not supported"):
         LlavaStyleModel.from_llava_hf(tiny["llama"], device="cpu")
