@@ -1,13 +1,11 @@
 """Set-of-Marks visual prompts (INST-IT 2.1): instance masks, boxes or polygons -> numbered marks on frames.
 
-Read top to bottom: a frame and an instance ID, a mask (COCO RLE, box, polygon), where an ID's label goes
-(`label_position`), its colour (`id_colour`), the style (`MarkStyle`), the drawing (`render_som`), the command line:
+Read top to bottom: frames and IDs, masks, `label_position`, `id_colour`, `MarkStyle`, `render_som`, the CLI:
 
     python som.py FRAMES --masks M.json --out DIR    # FRAMES: an image or a folder of frames
 
-An instance keeps its ID, colour and label place on every frame of a video, so "[2]" means the same object at <1>
-and at <8>. data.py draws marks when it loads masked data, annotate.py before GPT sees a frame. Needs numpy and pillow.
-"""
+An instance keeps its ID, colour and label place on every frame of a video ("[2]" is one object at <1> and <8>).
+data.py draws marks when it loads masked data, annotate.py before GPT sees a frame. Needs numpy and pillow."""
 import argparse
 import colorsys
 import io
@@ -51,8 +49,7 @@ def natural_key(name: str) -> list:
 
 def instance_key(key) -> str:
     """Instance-caption / mask key -> canonical ID string: "01" -> "1", "1, 2" -> "1,2" (a caption of several)."""
-    parts = [p.strip() for p in str(key).split(",")]
-    return ",".join(str(int(p)) if p.isdigit() else p for p in parts)
+    return ",".join(str(int(p)) if p.isdigit() else p for p in re.split(r"\s*,\s*", str(key).strip()))
 
 
 def named_ids(text: str) -> set[int]:
@@ -63,35 +60,30 @@ def named_ids(text: str) -> set[int]:
 def decode_rle(rle: dict) -> np.ndarray:
     """COCO RLE {"size": [h, w], "counts": str | list} -> (h, w) bool mask, as pycocotools decodes it.
 
-    Counts alternate runs of 0s and 1s (starting with 0s) over the mask in column-major order. The
-    compressed form packs each count in 5-bit groups (6th bit: more follows), offset by 48 to printable
-    characters, and from the 4th count on stores the difference to the count two before."""
+    Counts alternate runs of 0s and 1s (0s first) in column-major order. A string packs each count in 5-bit groups
+    (6th bit: more follows) offset by 48, and from the 4th count on stores the difference to the count two before."""
     h, w = rle["size"]
     counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if isinstance(counts, str):
-        chars, counts, x, k = counts, [], 0, 0
+    if isinstance(counts, (str, bytes)):
+        chars = counts.decode("ascii") if isinstance(counts, bytes) else counts
+        counts, x, k = [], 0, 0
         for c in (ord(ch) - 48 for ch in chars):
             x |= (c & 0x1F) << (5 * k)
             k += 1
-            if c & 0x20:  # more 5-bit groups of this count follow
-                continue
-            if c & 0x10:
-                x |= -1 << (5 * k)  # sign-extend
-            counts.append(x + counts[-2] if len(counts) > 2 else x)
-            x, k = 0, 0
+            if not c & 0x20:  # the count's last 5-bit group (else more follow)
+                if c & 0x10:
+                    x |= -1 << (5 * k)  # sign-extend
+                counts.append(x + counts[-2] if len(counts) > 2 else x)
+                x, k = 0, 0
     if sum(counts) != h * w or min(counts, default=0) < 0:
         raise ValueError(f"RLE counts sum to {sum(counts)}, but size {h}x{w} needs {h * w}: a corrupt or "
                          "mislabelled RLE")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(w, h).T
+    return np.repeat(np.arange(len(counts)) % 2 == 1, counts).reshape(w, h).T
 
 
 def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
-    """A mask (bool array, RLE dict, {"mask": RLE}), box [x0, y0, x1, y1] ({"box": ...}; COCO's {"bbox": [x, y,
-    w, h]}) or polygon ([[x, y], ...], a flat [x, y, x, y, ...] or a COCO list of flat polygons) -> (H, W) bool
-    mask for an image of `size` (W, H)."""
+    """A mask (bool array, RLE dict, {"mask": RLE}), box ([x0, y0, x1, y1], {"box": ...}, COCO {"bbox": [x, y, w, h]})
+    or polygon ([[x, y], ...], flat [x, y, x, y, ...], COCO's list of flat ones) -> (H, W) bool mask; size: (W, H)."""
     w, h = size
     if isinstance(spec, dict) and "counts" in spec:
         try:
@@ -136,9 +128,8 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> its largest 4-connected component. Union-find over each row's runs of True pixels:
-    two runs in neighbouring rows join when their columns overlap (a mask has a few runs per row, so this
-    loop is short where a per-pixel flood fill would not be)."""
+    """(h, w) bool -> its largest 4-connected component. Union-find over each row's runs of True pixels (runs in
+    neighbouring rows join when their columns overlap): a few runs per row, where a flood fill visits every pixel."""
     edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
     row, start = np.nonzero(edges == 1)   # runs in row-major order: start column ...
     end = np.nonzero(edges == -1)[1]      # ... and end column (exclusive) of each
@@ -150,28 +141,19 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         return i
 
     first = np.searchsorted(row, np.arange(mask.shape[0] + 1)).tolist()  # runs of row y: first[y]:first[y+1]
-    start_, end_ = start.tolist(), end.tolist()
-    for y in range(1, mask.shape[0]):
-        i, j, i_end, j_end = first[y - 1], first[y], first[y], first[y + 1]
-        while i < i_end and j < j_end:  # walk both rows' runs left to right
-            if start_[i] < end_[j] and start_[j] < end_[i]:
-                parent[root(i)] = root(j)
-            if end_[i] < end_[j]:
-                i += 1
-            else:
-                j += 1
-    roots = np.array([root(i) for i in range(len(start_))])
+    for y in range(1, mask.shape[0]):  # join each run of row y - 1 to the runs of row y it overlaps, left to right
+        a, b = slice(first[y - 1], first[y]), slice(first[y], first[y + 1])
+        for i, j in np.argwhere((start[a, None] < end[b]) & (start[b] < end[a, None])).tolist():
+            parent[root(a.start + i)] = root(b.start + j)
+    roots = np.array([root(i) for i in range(len(start))])
     sizes = np.bincount(roots, weights=end - start)
-    out = np.zeros_like(mask)
-    for y, a, b in zip(row[roots == sizes.argmax()], start[roots == sizes.argmax()], end[roots == sizes.argmax()]):
-        out[y, a:b] = True
-    return out
+    run = np.cumsum(edges[:, :-1] == 1).reshape(mask.shape) - 1  # each pixel's run: the starts up to it, row-major
+    return mask & (roots[run] == sizes.argmax())
 
 
 def _squared_distance(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> squared Euclidean distance of each pixel to the nearest False pixel, everything outside
-    the array counting as False. Exact: vertical distances per column, then the minimum over columns of
-    g(x')^2 + (x - x')^2. O(h w^2), so callers keep w small (label_position: <= LABEL_GRID)."""
+    """(h, w) bool -> squared Euclidean distance of each pixel to the nearest False one (outside counts as False).
+    Exact: vertical distances g per column, then min over x' of g(x')^2 + (x - x')^2; O(h w^2), so keep w small."""
     p = np.pad(mask, 1)
     h, w = p.shape
     rows = np.arange(h)[:, None]
@@ -179,28 +161,25 @@ def _squared_distance(mask: np.ndarray) -> np.ndarray:
     below = np.minimum.accumulate(np.where(p, 4 * h, rows)[::-1], axis=0)[::-1]
     g = np.minimum(rows - above, below - rows)
     cols = np.arange(w)
-    d2 = (g[:, None, :] ** 2 + (cols[:, None] - cols[None, :]) ** 2).min(-1)
-    return d2[1:-1, 1:-1]
+    return (g[:, None, :] ** 2 + (cols[:, None] - cols[None, :]) ** 2).min(-1)[1:-1, 1:-1]
 
 
 LABEL_GRID = 64  # label_position's working resolution: 1/64 of the mask is precise enough for a label
 
 
 def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]:
-    """(H, W) bool mask -> (x, y) where its ID label goes: the point of the largest component farthest from
-    the border (the distance-transform peak; the image edge counts as border), so it lies inside C-shapes, rings
-    and thin bars, where a centroid may not. Ties go to the point nearest the middle of the plateau. Works on the
-    mask's bounding box, downsampled to <= LABEL_GRID px, so 4K frames stay cheap. `grid` (a ViT's patch size):
-    moved to the nearest centre of a grid cell inside the mask, so the label lies whole in one patch token."""
+    """(H, W) bool mask -> (x, y) where its ID label goes: the distance-transform peak of its largest component
+    (the image edge counts as border), which lies inside C-shapes, rings and thin bars where a centroid may not.
+    Works on the mask's bounding box downsampled to <= LABEL_GRID px, so 4K frames stay cheap. `grid` (a ViT's
+    patch size): moved to the nearest grid-cell centre inside the mask, so the label lies whole in one patch token."""
     mask = np.asarray(mask, bool)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows):
         raise ValueError("an empty mask has no label position")
-    y0, x0 = rows[0], cols[0]
-    crop = mask[y0:rows[-1] + 1, x0:cols[-1] + 1]
+    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     f = math.ceil(max(crop.shape) / LABEL_GRID)
-    h, w = -(-crop.shape[0] // f) * f, -(-crop.shape[1] // f) * f
-    blocks = np.pad(crop, ((0, h - crop.shape[0]), (0, w - crop.shape[1]))).reshape(h // f, f, w // f, f)
+    padded = np.pad(crop, [(0, -n % f) for n in crop.shape])  # to a multiple of f
+    blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
     small = blocks.all((1, 3))  # a block counts only when wholly inside: a narrow gap in a C stays open
     if not small.any():
         small = blocks.any((1, 3))  # a shape thinner than a block: "any" keeps thin bars alive
@@ -209,16 +188,13 @@ def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]
     py, px = peak[np.argmin(((peak - peak.mean(0)) ** 2).sum(1))]
     cy, cx = min(py * f + f // 2, crop.shape[0] - 1), min(px * f + f // 2, crop.shape[1] - 1)
     if not crop[cy, cx]:  # the block centre missed the (downsampled) mask: take the nearest mask pixel
-        ys, xs = np.nonzero(crop)
-        k = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
-        cy, cx = ys[k], xs[k]
-    x, y = int(x0 + cx), int(y0 + cy)
+        pixels = np.argwhere(crop)
+        cy, cx = pixels[np.argmin(((pixels - (cy, cx)) ** 2).sum(1))]
+    x, y = int(cols[0] + cx), int(rows[0] + cy)
     if grid:
-        gy, gx = np.mgrid[grid // 2:mask.shape[0]:grid, grid // 2:mask.shape[1]:grid]
-        distance = np.where(mask[gy, gx], (gx - x) ** 2 + (gy - y) ** 2, np.inf)
-        if np.isfinite(distance).any():  # else the mask holds no cell centre: keep the peak
-            k = np.unravel_index(np.argmin(distance), distance.shape)
-            x, y = int(gx[k]), int(gy[k])
+        centres = np.argwhere(mask[grid // 2::grid, grid // 2::grid]) * grid + grid // 2  # (y, x) inside the mask
+        if len(centres):  # else the mask holds no cell centre: keep the peak
+            y, x = centres[np.argmin(((centres - (y, x)) ** 2).sum(1))].tolist()
     return x, y
 
 
@@ -226,8 +202,7 @@ def id_colour(instance_id) -> tuple[int, int, int]:
     """A fixed, saturated RGB colour per instance ID (golden-ratio hue steps keep neighbouring IDs apart)."""
     key = str(instance_id).strip()
     n = int(key) if key.isdigit() else zlib.crc32(key.encode())
-    r, g, b = colorsys.hsv_to_rgb((n * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return round(r * 255), round(g * 255), round(b * 255)
+    return tuple(round(c * 255) for c in colorsys.hsv_to_rgb((n * 0.618033988749895) % 1.0, 0.85, 0.95))
 
 
 def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -251,11 +226,8 @@ class MarkStyle:
 def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_places: dict | None = None
                ) -> Image.Image:
     """An image and {instance ID: mask | RLE | box | polygon} -> a copy with Set-of-Marks drawn (INST-IT 2.1):
-    a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`.
-
-    Colour and label come from the instance/track ID, so they stay fixed across a video's frames. Pass the same
-    `label_places` dict for every frame: a label then stays where it was while that point is inside the mask.
-    Sizes scale with the image (224 px to 4K) unless `style` fixes them. Empty masks are skipped with a warning."""
+    a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`. Pass the same
+    `label_places` dict for every frame of a video: a label then stays where it was while that point is in the mask."""
     image = open_image(image)
     w, h = image.size
     line_width = style.line_width or max(1, round(min(w, h) / 250))
@@ -272,16 +244,14 @@ def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_pla
             continue
         colour = np.array(style.colour or id_colour(instance_id), np.float32)
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        y0, y1 = max(0, rows[0] - 1), rows[-1] + 2
-        x0, x1 = max(0, cols[0] - 1), cols[-1] + 2
-        crop, region = mask[y0:y1, x0:x1], pixels[y0:y1, x0:x1]  # region is a view into pixels
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # the mask is empty outside, as _erode assumes
+        crop, region = mask[box], pixels[box]  # region is a view into pixels
         region[crop] = (region[crop] * (1 - style.fill) + colour * style.fill).round().astype(np.uint8)
         region[crop & ~_erode(crop, line_width)] = colour  # the contour
-        place = places.get(instance_id)
-        if place is None or not (place[0] < w and place[1] < h and mask[place[1], place[0]]):
-            place = label_position(mask, style.grid)
-        places[instance_id] = place
-        labels.append((instance_id, place, tuple(int(c) for c in colour)))
+        x, y = places.get(instance_id, (w, h))  # (w, h) lies outside the frame: no place yet
+        if not (x < w and y < h and mask[y, x]):  # a new ID, or its place has left the mask
+            places[instance_id] = label_position(mask, style.grid)
+        labels.append((instance_id, places[instance_id], tuple(int(c) for c in colour)))
     out = Image.fromarray(pixels)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=font_size)
@@ -313,6 +283,7 @@ def main(argv=None):
             masks = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{args.masks}: cannot read the masks ({e})")
+    jobs = [(args.source, masks)]
     if os.path.isdir(args.source):
         names = frame_files(args.source)
         if not names or not set(masks) & set(names):
@@ -320,8 +291,6 @@ def main(argv=None):
                              f"{args.masks}: no key names a frame of {args.source} (keys {sorted(masks)[:3]}, frames "
                              f"{names[:3]}); key the masks by frame file name")
         jobs = [(os.path.join(args.source, n), masks.get(n, {})) for n in names]
-    else:
-        jobs = [(args.source, masks)]
     os.makedirs(args.out, exist_ok=True)
     places = {}
     for file, instances in jobs:
