@@ -5,11 +5,9 @@
     python evaluate.py instructions --model DIR --tasks multiinstruct.jsonl --templates T.json --out DIR
     python evaluate.py ask --model DIR --image photo.jpg --box 1:40,60,200,310 "What is [1] holding?"
 
-Multiple choice: the letter a free-form answer chose (`extract_choice`); an answer with no letter counts
-as wrong and is counted (the official scorer drops it from the denominator, which inflates scores).
-Open-ended: an LLM judge scores 0..1 against the reference through annotate.py's client, cached; without
-a judge, an offline proxy (token F1 x [ID] agreement) is reported under its own name.
-"""
+Multiple choice: the letter a free-form answer chose (`extract_choice`); no letter counts as wrong (the official
+scorer drops such answers from the denominator, inflating scores). Open-ended: an LLM judge scores 0..1 against
+the reference (annotate.py's client, cached); without one, an offline proxy (token F1 x [ID] agreement): oe_proxy."""
 import argparse
 import dataclasses
 import json
@@ -70,14 +68,10 @@ def _is_article(text: str, m: re.Match) -> bool:
 
 
 def extract_choice(response: str, options) -> str | None:
-    """Free-form answer -> the option letter it chose, or None (INST-IT Bench MC; options A-D).
-
-    `options`: letters ("ABCD" or a list) or a dict letter -> option text. A lowercase letter counts only
-    where it cannot be an article ("the answer is a dog" chose nothing); an uppercase "A" followed by a
-    lowercase word is the article "A person", never option A. Letters outside the options give None.
-    """
-    letters = [o.upper() for o in options]
-    texts = options if isinstance(options, dict) else {}
+    """Free-form answer -> the option letter it chose, or None (INST-IT Bench MC). `options`: letters ("ABCD" or
+    a list) or a dict letter -> option text. A lowercase letter counts only where it cannot be an article ("the
+    answer is a dog" chose nothing); "A" followed by a lowercase word is the article "A person", never option A."""
+    letters = {o.upper() for o in options}
     text = (response or "").strip()
     if not text:
         return None
@@ -86,18 +80,18 @@ def extract_choice(response: str, options) -> str | None:
             if not _is_article(text, m):
                 return m.group(1).upper() if m.group(1).upper() in letters else None
     said = normalise(text)  # an answer that only repeats one option's text
-    repeated = [k.upper() for k, v in texts.items() if v.strip() and normalise(v) in said]
+    texts = options.items() if isinstance(options, dict) else ()
+    repeated = [k.upper() for k, v in texts if v.strip() and normalise(v) in said]
     if len(repeated) == 1:
         return repeated[0]
     standalone = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)
-                  if not _is_article(text, m)} & set(letters)  # the pronoun "I" is no option
+                  if not _is_article(text, m)} & letters  # the pronoun "I" is no option
     return standalone.pop() if len(standalone) == 1 else None
 
 
 def score_mc(predictions: list[dict]) -> dict:
-    """Records (model_prediction, ground_truth: a letter, or an option's text where options map letters to texts,
-    as run's loader reads it) -> {score, total, unparsed (counted wrong)}; a ground truth that is no option is an
-    error."""
+    """Records (model_prediction, ground_truth: a letter, or an option's text where options map letters to texts)
+    -> {score, total, unparsed (counted wrong)}; a ground truth that is no option is an error."""
     correct = unparsed = 0
     for p in predictions:
         options, truth = p.get("options") or "ABCD", str(p["ground_truth"]).strip()
@@ -109,8 +103,7 @@ def score_mc(predictions: list[dict]) -> dict:
         choice = extract_choice(p["model_prediction"], options)
         unparsed += choice is None
         correct += choice == truth.upper()
-    total = len(predictions)
-    return {"score": 100 * correct / total if total else 0.0, "total": total, "unparsed": unparsed}
+    return {"score": 100 * correct / max(len(predictions), 1), "total": len(predictions), "unparsed": unparsed}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,11 +159,10 @@ def load_predictions(path: str) -> list[dict]:
     if not isinstance(records, list) or not records:
         raise SystemExit(f"{path}: no predictions found")
     counts = Counter((r.get("split"), r.get("question_id")) for r in records if isinstance(r, dict))
-    if repeated := [(key, n) for key, n in counts.items() if n > 1]:  # it would count n times
-        raise SystemExit(f"{path}: question_id {repeated[0][0][1]!r} appears {repeated[0][1]} times")
+    if repeated := [(qid, n) for (_, qid), n in counts.items() if n > 1]:  # it would count n times
+        raise SystemExit(f"{path}: question_id {repeated[0][0]!r} appears {repeated[0][1]} times")
     for i, r in enumerate(records):
-        missing = [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]
-        if missing:
+        if missing := [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]:
             name = r.get("question_id", "?") if isinstance(r, dict) else r
             raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing}; "
                              f"expected fields {PREDICTION_FIELDS}")
@@ -215,10 +207,9 @@ def judge_score(client, question: str, reference: str, prediction: str, video: b
     """One OE answer -> the judge's score in {0, 0.1, ..., 1} (INST-IT App. B criteria)."""
     from annotate import schema_object
 
-    system = JUDGE_PROMPT.format(
-        media="a video" if video else "an image",
-        time=", and frames as <t> (intervals <s>-<e>)" if video else "",
-        time_rule=" and the same frame times <t>" if video else "")
+    system = JUDGE_PROMPT.format(media="a video" if video else "an image",
+                                 time=", and frames as <t> (intervals <s>-<e>)" if video else "",
+                                 time_rule=" and the same frame times <t>" if video else "")
     user = f"Question: {question}\nReference answer: {reference}\nModel answer: {prediction}"
 
     def on_the_scale(answer):
@@ -316,10 +307,9 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
                     "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
                    for q, a in zip(questions, answers)]
     data.write_json(os.path.join(out_dir, "predictions.jsonl"), predictions)
-    summary = {}
-    for split in sorted({p["split"] for p in predictions}):
-        rows = [p for p in predictions if p["split"] == split]
-        summary[split] = {**score_mc(rows), "chance": MC_RANDOM} if split.endswith("mc") else score_oe(rows, client)
+    by_split = {s: [p for p in predictions if p["split"] == s] for s in sorted({p["split"] for p in predictions})}
+    summary = {split: {**score_mc(rows), "chance": MC_RANDOM} if split.endswith("mc") else score_oe(rows, client)
+               for split, rows in by_split.items()}
     data.write_json(os.path.join(out_dir, "summary.json"), summary)
     plot_scores(summary, os.path.join(out_dir, "scores.png"))
     print_summary(summary)
@@ -361,8 +351,7 @@ def evaluate_instructions(model, tasks: str, templates: str, media_root=None, ba
         answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
         hits = {}
         for s, a in zip(samples, answers):
-            right = normalise(a) == normalise(s["messages"][-1]["content"])
-            hits.setdefault(task_of[s["id"]], []).append(right)
+            hits.setdefault(task_of[s["id"]], []).append(normalise(a) == normalise(s["messages"][-1]["content"]))
         for task, h in hits.items():
             per_task.setdefault(task, []).append(100 * sum(h) / len(h))
     report = {task: {"scores": v, "mean": sum(v) / len(v), "max": max(v),
@@ -388,9 +377,8 @@ def parse_box(spec: str) -> tuple[str, list[float]]:
 
 
 def ask_frames(image: str | None, video: str | None, num_frames: int) -> tuple[list, list[str]]:
-    """--image FILE, or --video (a video file or a frame folder) -> (frames, their names), sampled as `run` samples
-    a bench video. Names key --masks: a folder's file names; a video file's frames by source index, 00012.jpg
-    (as annotate.py names them)."""
+    """--image FILE, or --video (a video file or a frame folder) -> (frames, names), sampled as `run` samples a bench
+    video. Names key --masks: a folder's file names; a video file's 00012.jpg by source index, as annotate.py's."""
     if image or video.lower().endswith(IMAGE_EXTS):  # a one-frame video is named by its file, as an image is
         return [open_image(image or video)], [os.path.basename(image or video)]
     frames, index = data.sample_frames(video, num_frames)
@@ -400,9 +388,8 @@ def ask_frames(image: str | None, video: str | None, num_frames: int) -> tuple[l
 
 
 def frame_marks(frames: list, names: list[str], masks: dict, boxes: dict, video: bool) -> tuple[list, set]:
-    """Masks ({ID: mask | box | polygon} for an image; {frame name: {ID: ...}} for a video) + boxes (the same on
-    every frame) -> ([{ID: spec} per frame], the IDs with pixels on some frame), each spec read against its frame
-    (ValueError naming the instance when it does not fit)."""
+    """Masks ({ID: mask | box | polygon} for an image; {frame name: {ID: ...}} for a video) + boxes (on every frame)
+    -> ([{ID: spec} per frame], the IDs with pixels on some frame); a spec that does not fit its frame: ValueError."""
     marks, drawn = [], set()
     for name, frame in zip(names, frames):
         instances = {**((masks.get(name) or {}) if video else masks), **boxes}
@@ -415,9 +402,8 @@ def frame_marks(frames: list, names: list[str], masks: dict, boxes: dict, video:
 
 def ask(model, frames: list, history: list[dict], question: str, video: bool, verbatim: bool = False,
         streamer=None, **sampling) -> str:
-    """Marked frames + the chat so far + a question -> the model's answer. The question is asked as the bench asks
-    open-ended ones (BENCH_PROMPTS: a video's frames announced, so <t> means the t-th; the answer conventions), the
-    form a model is evaluated in, unless `verbatim`. The frames go with the first question and stay in context."""
+    """Marked frames + the chat so far + a question -> the model's answer; the question in the bench's open-ended
+    form (BENCH_PROMPTS: the form a model is evaluated in) unless `verbatim`; the frames go with the first turn."""
     text = question if verbatim else BENCH_PROMPTS["video_oe" if video else "image_oe"].format(
         question=question, n=len(frames))
     history.append({"role": "user", "content": (data.PLACEHOLDER + "\n" if not history else "") + text})
@@ -457,8 +443,7 @@ def ask_main(args) -> dict:
     if masks and video and not set(masks) & set(names):
         log.warning("%s: no key names a sampled frame (%s, ...): a video's masks are keyed by frame file name, "
                     "or by source index as 00012.jpg", args.masks, ", ".join(names[:3]))
-    model = LlavaStyleModel.from_pretrained(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {}))
-    model.eval()
+    model = LlavaStyleModel.from_pretrained(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {})).eval()
     if len(frames) > model.cfg.max_frames:
         raise SystemExit(f"--num-frames {args.num_frames}: the model reads at most {model.cfg.max_frames} frames")
     style = style or MarkStyle(**model.cfg.mark_style or {})  # the style the model was trained with
@@ -475,9 +460,9 @@ def ask_main(args) -> dict:
     if not question:
         raise SystemExit("evaluate.py ask: give a question (or --chat and type one)")
     while question:
-        if named_ids(question) - drawn:
-            log.warning("the question names %s, not drawn on the frames (drawn: %s)", " ".join(
-                f"[{i}]" for i in sorted(named_ids(question) - drawn)), " ".join(f"[{i}]" for i in sorted(drawn)))
+        if undrawn := named_ids(question) - drawn:
+            log.warning("the question names %s, not drawn on the frames (drawn: %s)",
+                        " ".join(f"[{i}]" for i in sorted(undrawn)), " ".join(f"[{i}]" for i in sorted(drawn)))
         answer = ask(model, marked, history, question, video, args.verbatim, streamer, **sampling)
         turns.append({"question": question, "answer": answer})
         question = next_question(args.chat)
@@ -506,8 +491,8 @@ def main(argv=None):
     run.add_argument("--bench", required=True, help="bench file or folder (data.load_instit_bench)")
     run.add_argument("--splits", default="image_mc,image_oe,video_mc,video_oe")
     run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--max-new-tokens", type=int, default=256)
     for cmd in (run, ask_cmd):
+        cmd.add_argument("--max-new-tokens", type=int, default=256)
         cmd.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames sampled per video")
     score.add_argument("--predictions", required=True)
     score.add_argument("--mode", choices=["mc", "oe"], required=True)
@@ -523,12 +508,10 @@ def main(argv=None):
                                          "file name: {ID: ...}} for a video (a video file's frames: 00012.jpg ...)")
     ask_cmd.add_argument("--box", action="append", default=[], metavar="ID:x0,y0,x1,y1",
                          help="a box mark in pixels, the same on every frame; repeat for several instances")
-    ask_cmd.add_argument("--mark-style", type=json.loads, metavar="JSON",
-                         help="som.MarkStyle fields, e.g. '{\"fill\": 0}' (default: the style the checkpoint "
-                              "records, else INST-IT's)")
+    ask_cmd.add_argument("--mark-style", type=json.loads, metavar="JSON", help="som.MarkStyle fields, e.g. "
+                         "'{\"fill\": 0}' (default: the style the checkpoint records, else INST-IT's)")
     ask_cmd.add_argument("--verbatim", action="store_true", help="send the question as typed, not in the bench's "
                                                                 "open-ended form (BENCH_PROMPTS)")
-    ask_cmd.add_argument("--max-new-tokens", type=int, default=256)
     ask_cmd.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     ask_cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
     ask_cmd.add_argument("--load-in-4bit", action="store_true", help="the language model in nf4 (bitsandbytes)")
@@ -557,8 +540,8 @@ def main(argv=None):
     from model import LlavaStyleModel
 
     splits = [s.strip() for s in getattr(args, "splits", "").split(",") if s.strip()]
-    unknown = [s for s in splits if s not in data.BENCH_SPLITS and s not in data.BENCH_SPLITS.values()]
-    if unknown:  # before the model is loaded
+    # checked before the model is loaded
+    if unknown := [s for s in splits if s not in data.BENCH_SPLITS and s not in data.BENCH_SPLITS.values()]:
         raise SystemExit(f"unknown split(s) {unknown}; choose from {list(data.BENCH_SPLITS)}")
     model = LlavaStyleModel.from_pretrained(args.model).eval()
     if args.command == "run":
