@@ -15,6 +15,7 @@ OUT.json sits beside OUT.cache.jsonl (every answer, so a re-run pays nothing twi
 """
 import argparse
 import base64
+import contextlib
 import hashlib
 import html
 import io
@@ -161,21 +162,6 @@ def annotations_text(frame_annotations):
     return data.normalize_text("\n".join(lines))
 
 
-def _from_annotations(client, system, frame_annotations, schema, check, name):
-    """Eq. 2 and 3: frame annotations as text -> the answer, passing `check(answer, their [ID]s, their <t>s)`."""
-    text = annotations_text(frame_annotations)
-    ids, times = refs(text)[0], {f["timestamp"] for f in frame_annotations}
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-    return client.complete_json(messages, schema, lambda answer: check(answer, ids, times), name)
-
-
-def summarize_video(client, frame_annotations):
-    """Eq. 2 (INST-IT 2.1): frame annotations Y_1^f..Y_N^f -> one dense, chronological video caption."""
-    answer = _from_annotations(client, PROMPTS["video"], frame_annotations, schema_object(video_level_caption=_STR),
-                               lambda a, ids, times: check_refs(a["video_level_caption"], ids, times), "video_summary")
-    return data.normalize_text(answer["video_level_caption"])
-
-
 def _check_pairs(pairs, ids, times):
     if not pairs:
         raise ValueError("no pairs")
@@ -183,13 +169,27 @@ def _check_pairs(pairs, ids, times):
         check_refs(" ".join(pair.values()), ids, times)
 
 
+def _from_annotations(client, system, frame_annotations, key, schema, check, name):
+    """Eq. 2 and 3: frame annotations as text -> answer[key], passing `check(answer[key], their [ID]s, their <t>s)`."""
+    text = annotations_text(frame_annotations)
+    ids, times = refs(text)[0], {f["timestamp"] for f in frame_annotations}
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+    answer = client.complete_json(messages, schema_object(**{key: schema}), lambda a: check(a[key], ids, times), name)
+    return answer[key]
+
+
+def summarize_video(client, frame_annotations):
+    """Eq. 2 (INST-IT 2.1): frame annotations Y_1^f..Y_N^f -> one dense, chronological video caption."""
+    return data.normalize_text(_from_annotations(client, PROMPTS["video"], frame_annotations, "video_level_caption",
+                                                 _STR, check_refs, "video_summary"))
+
+
 def generate_qa(client, frame_annotations, num_pairs=(10, 20)):
     """Eq. 3 (INST-IT 2.1): frame annotations -> [{"question", "answer"}], open-ended, with [ID] and <t>."""
-    schema = schema_object(question_answer_pairs={"type": "array", "items": schema_object(question=_STR, answer=_STR)})
-    answer = _from_annotations(client, PROMPTS["qa"].format(lo=num_pairs[0], hi=num_pairs[1]), frame_annotations,
-                               schema, lambda a, ids, times: _check_pairs(a["question_answer_pairs"], ids, times),
-                               "qa_pairs")
-    return [{k: data.normalize_text(v) for k, v in qa.items()} for qa in answer["question_answer_pairs"]]
+    schema = {"type": "array", "items": schema_object(question=_STR, answer=_STR)}
+    pairs = _from_annotations(client, PROMPTS["qa"].format(lo=num_pairs[0], hi=num_pairs[1]), frame_annotations,
+                              "question_answer_pairs", schema, _check_pairs, "qa_pairs")
+    return [{k: data.normalize_text(v) for k, v in qa.items()} for qa in pairs]
 
 
 def syphus(client, task, context, ids, timestamps=None):
@@ -384,20 +384,16 @@ def _read_jsonl(path):
             f.write(b"\n")
     entries = []
     for line in raw.splitlines():
-        try:
+        with contextlib.suppress(ValueError):
             entries.append(json.loads(line))
-        except ValueError:
-            pass
     return entries
 
 
 class LLMClient:
     """One OpenAI-compatible chat client (OpenAI, vLLM, Ollama, llama.cpp through the `openai` SDK, which retries
-    429, 5xx and timeouts): `complete_json(messages, schema, validate)` -> a dict fitting the schema (strict
-    JSON-schema output, or `json_mode` for servers without) that `validate` accepts, the reason re-asked
-    `answer_retries` times, else LLMError. Every request is cached by its hash (prompt version, request with
-    images hashed) in an append-only JSONL, failures too, so a re-run sends only what is missing; `batch_file`
-    collects them for the Batch API instead. The key comes from OPENAI_API_KEY and is never printed or written."""
+    429, 5xx and timeouts). Every answer and failure is cached by `key` in an append-only JSONL, so a re-run sends
+    only what is missing; `batch_file` collects those for the Batch API instead. The API key comes from
+    OPENAI_API_KEY and is never printed or written."""
 
     def __init__(self, base_url, model, cache_path=None, *, json_mode=False, max_retries=5, timeout=120.0,
                  answer_retries=2, image_detail="auto", max_image_side=768, price_per_mtok=(2.5, 10.0),
@@ -412,12 +408,9 @@ class LLMClient:
             open(batch_file, "w").close()
         self.requests = self.cached = self.failed = self.prompt_tokens = self.completion_tokens = 0
         self._lock, self._batched = threading.Lock(), set()  # _batched: the keys already in batch_file
-        self._answers = {}  # cache key -> answer text, for every request that succeeded
-        for entry in _read_jsonl(cache_path):
-            if entry.get("status") == "ok":
-                self._answers[entry["key"]] = entry["content"]
-            else:
-                self._answers.pop(entry.get("key"), None)
+        # cache key -> answer text; None where the key's last entry failed (a re-run asks again)
+        self._answers = {e.get("key"): e["content"] if e.get("status") == "ok" else None
+                         for e in _read_jsonl(cache_path)}
 
     @property
     def cost(self):
@@ -438,7 +431,8 @@ class LLMClient:
         return {"type": "image_url", "image_url": {"url": url, "detail": self.image_detail}}
 
     def complete_json(self, messages, schema, validate=None, name="answer"):
-        """(chat messages, JSON schema) -> the answer dict, fitting the schema and passing `validate`."""
+        """(chat messages, JSON schema) -> the answer dict fitting it (strict output, or `json_mode` for servers
+        without) and passing `validate`; else re-asked with the reason `answer_retries` times, then LLMError."""
         if self.json_mode:  # the schema goes into the (first) system message: some chat templates allow one
             note = PROMPTS["json_mode"].format(schema=json.dumps(schema))
             first = messages[0]
@@ -480,7 +474,7 @@ class LLMClient:
     def _answer(self, key, body):
         """The answer text of one request: from the cache, else the batch file, else the server."""
         with self._lock:
-            if key in self._answers:
+            if self._answers.get(key) is not None:
                 self.cached += 1
                 return self._answers[key]
             if self.batch_file:
@@ -517,11 +511,7 @@ class LLMClient:
         lines = [json.dumps({"key": key, "status": status, "time": time.time(), **fields}) + "\n" for key in keys]
         with self._lock:
             self.failed += status == "failed"
-            for key in keys:
-                if status == "ok":
-                    self._answers[key] = fields["content"]
-                else:
-                    self._answers.pop(key, None)
+            self._answers.update(dict.fromkeys(keys, fields.get("content")))  # "failed": None, asked again
             if self.cache_path:
                 with open(self.cache_path, "a", encoding="utf-8") as f:
                     f.writelines(lines)
@@ -622,8 +612,7 @@ def syphus_main(argv):
         if result is None:
             continue
         frames = record_frames(rec)[1]
-        for image_id, path in frames:
-            images[image_id] = base64.b64encode((root / path).read_bytes()).decode()
+        images.update({image_id: base64.b64encode((root / path).read_bytes()).decode() for image_id, path in frames})
         ins_ids = [f"SY_INS_{len(files[out]) + n:06d}" for n in range(len(result[0]))]
         for path, pairs in zip(paths, result):
             for ins_id, pair in zip(ins_ids, pairs):  # in-context examples: the other pairs on the same visuals
