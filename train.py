@@ -4,13 +4,10 @@ r"""Continuous SFT of the LLaVA-style model (INST-IT 2.4, 3.1, Tab. 6), one GPU 
         --data inst_it_dataset_video_21k.json:0.5 --data llava_v1_5_mix665k.json:0.5 --out runs/instit
     accelerate launch train.py ...        # several GPUs: DDP (tested); FSDP/DeepSpeed are not wired in
 
-A plain loop you can step through: `start_run` builds the model for the stage, loads the data mixture and
-the optimizer (or resumes all of it); `train_step` accumulates micro-batches, clips and steps at the
-learning rate `learning_rate` gives for the step; `log_and_checkpoint` writes metrics.jsonl and checkpoints. A
-checkpoint holds trained weights, optimizer, RNG states and the data position, so `--resume` continues exactly.
-"""
+A plain loop you can step through: `start_run` builds the stage's model, data mixture and optimizer (or resumes
+them); `train_step` accumulates micro-batches, clips and steps at the rate `learning_rate` gives; `log_and_checkpoint`
+writes metrics.jsonl and checkpoints (weights, optimizer, RNG states, data position: `--resume` continues exactly)."""
 import argparse
-import dataclasses
 import inspect
 import itertools
 import json
@@ -23,7 +20,7 @@ import sys
 import time
 import typing
 from contextlib import nullcontext, suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
 import torch
@@ -98,9 +95,8 @@ def field_help(cls) -> dict:
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, dict]:
-    """CLI -> (TrainConfig, ModelConfig overrides). Every field of both dataclasses is a flag; --config
-    FILE.json|yaml gives values that explicit flags override; `defaults` (a script's preset, such as
-    demo.py's) sits under both; the stage preset fills the rest."""
+    """CLI -> (TrainConfig, ModelConfig overrides). Every field of both dataclasses is a flag. Precedence: flags, then
+    --config FILE.json|yaml, then `defaults` (a script's preset, such as demo.py's), then the stage preset."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file with any of the fields below (flags override it)")
     known = fields(TrainConfig) + tuple(f for f in fields(ModelConfig) if f.name not in (
@@ -116,33 +112,26 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
             kind = f.type if f.type in (int, float) else json.loads if str(f.type).startswith(("dict", "list")) else str
             p.add_argument(flag, type=kind, help=text)
     args = vars(p.parse_args(argv))
-    given = dict(defaults or {})
-    if args["config"]:
-        given.update(read_config(args["config"], known))
-    given.update({k: v for k, v in args.items() if v is not None and k != "config"})
+    config = read_config(args["config"], known) if args["config"] else {}
+    given = {**(defaults or {}), **config, **{k: v for k, v in args.items() if v is not None and k != "config"}}
     train_names = {f.name for f in fields(TrainConfig)}
-    unknown = set(given) - {f.name for f in known}
-    if unknown:
+    if unknown := set(given) - {f.name for f in known}:
         raise SystemExit(f"unknown config fields: {sorted(unknown)}")
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in train_names})
-    if cfg.stage not in STAGES:
-        raise SystemExit(f"--stage must be one of {list(STAGES)}, got {cfg.stage!r}")
-    if cfg.optim not in OPTIMIZERS:
-        raise SystemExit(f"--optim must be one of {list(OPTIMIZERS)}, got {cfg.optim!r}")
-    for name, least in [("batch_size", 1), ("grad_accum", 1), ("max_length", 1), ("log_every", 1),
-                        ("save_every", 1), ("max_steps", 0)]:
+    for name, choices in [("stage", list(STAGES)), ("optim", list(OPTIMIZERS))]:
+        if getattr(cfg, name) not in choices:
+            raise SystemExit(f"--{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+    for name, least in dict(batch_size=1, grad_accum=1, max_length=1, log_every=1, save_every=1, max_steps=0).items():
         if getattr(cfg, name) < least:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
     if cfg.eval_bench and not os.path.exists(cfg.eval_bench):  # read at the end: a wrong path would lose the run
         raise SystemExit(f"--eval-bench {cfg.eval_bench}: no such file or folder")
-    model_overrides = {**STAGES[cfg.stage], **{k: v for k, v in given.items() if k not in train_names}}
     parse_sources(cfg.data)  # fail on a bad path or ratio before any model is loaded
-    return cfg, model_overrides
+    return cfg, {**STAGES[cfg.stage], **{k: v for k, v in given.items() if k not in train_names}}
 
 
 def read_config(path: str, known) -> dict:
-    """A JSON or YAML config file -> {field: value}, each value converted to its field's type (field_value), so a
-    bad value fails here and not after the model has loaded."""
+    """A JSON or YAML config file -> {field: value as its field's type}: a bad value fails before the model loads."""
     with open(path) as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -154,20 +143,16 @@ def read_config(path: str, known) -> dict:
 
 
 def field_value(path: str, name: str, value, kind):
-    """A config file's value as its field's type, or SystemExit naming the file and field. Strings convert where
-    they are meant so: numbers (YAML reads 2e-5 as a string), booleans ("no" is False, not a true string), a lone
-    --data source (not a list of its characters)."""
+    """A config file's value as its field's type, or SystemExit naming the file and field. Strings convert where meant
+    so: numbers (YAML reads 2e-5 as a string), booleans ("no" is False), a lone --data source (not its characters)."""
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # `str | None` -> str
     if kind is None or (value is None and base is not kind):
         return value
     if isinstance(value, str) and base is bool:
-        value = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(
-            value.lower(), value)
-    elif isinstance(value, str) and base in (int, float):
+        value = dict(true=True, yes=True, on=True, false=False, no=False, off=False).get(value.lower(), value)
+    elif isinstance(value, str) and base in (int, float) or base is float and type(value) is int:  # int 1 -> 1.0
         with suppress(ValueError):
             value = base(value)
-    elif base is float and type(value) is int:
-        value = float(value)
     elif name == "data" and isinstance(value, str):
         value = [value]
     if type(value) is not base:
@@ -206,8 +191,7 @@ def load_model(cfg: TrainConfig, overrides: dict, device) -> LlavaStyleModel:
 
 
 def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str, float]], num_shards=1):
-    """Load each source (data.load_conversations reads the format from the file), wrap it lazily
-    (data.InstructionDataset) and mix them by ratio with batches grouped by length (MixtureSampler)."""
+    """Sources -> (ConcatDataset of lazy data.InstructionDatasets, a MixtureSampler mixing them by ratio)."""
     datasets = []
     for path, _ in sources:
         samples = data.load_conversations(path, cfg.media_root, templates=cfg.templates,
@@ -223,16 +207,12 @@ def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str
 
 
 class MixtureSampler(torch.utils.data.Sampler):
-    """Batches of indices into ConcatDataset(sources), sources drawn by ratio and batches grouped by length:
-    INST-IT data mixed with general and text-only data (INST-IT 2.4, MultiInstruct's mixed tuning).
+    """Batches of indices into ConcatDataset(sources), INST-IT data mixed with general and text-only data by ratio
+    (INST-IT 2.4, MultiInstruct's mixed tuning). `lengths[s]`: source s's estimates (InstructionDataset.lengths).
 
-    `lengths[s][i]`: estimated length of sample i of source s (InstructionDataset.lengths); a yielded index
-    is offsets[s] + i, as ConcatDataset numbers them. Each batch slot draws its source with probability
-    ratios[s]; a source gives its samples in a fresh seeded permutation per pass. Slots come in groups of
-    `batch_size * group` sorted by length and cut into batches whose order is then shuffled, so a batch
-    holds similar lengths (little padding). The stream is a pure function of the arguments (a seeded
-    torch.Generator, no global seed): `start_batch=k` yields exactly batches k.. of an uninterrupted run,
-    which is how training resumes. `num_batches` defaults to one pass over all samples."""
+    Each slot draws its source by ratio; a source gives a fresh seeded permutation per pass. Groups of `batch_size *
+    group` slots are sorted by length, cut into batches and shuffled: little padding. A seeded torch.Generator makes
+    the stream a pure function of the arguments: `start_batch=k` yields batches k.. of an uninterrupted run (resume)."""
 
     def __init__(self, lengths: list[list[int]], ratios: list[float], batch_size: int, seed: int = 0,
                  group_by_length: bool = True, num_batches: int | None = None, start_batch: int = 0, group: int = 64):
@@ -244,8 +224,7 @@ class MixtureSampler(torch.utils.data.Sampler):
         self.offsets = [0] + list(itertools.accumulate(len(n) for n in lengths))[:-1]
         self.sizes, self.ratios = [len(n) for n in lengths], ratios
         self.batch_size, self.seed, self.group_by_length, self.group = batch_size, seed, group_by_length, group
-        self.num_batches = num_batches or math.ceil(len(self.lengths) / batch_size)
-        self.start_batch = start_batch
+        self.num_batches, self.start_batch = num_batches or math.ceil(len(self.lengths) / batch_size), start_batch
 
     def __len__(self):
         return max(0, self.num_batches - self.start_batch)
@@ -277,18 +256,14 @@ class MixtureSampler(torch.utils.data.Sampler):
 
     def padded_fraction(self, batches=None) -> float:
         """Fraction of padded tokens (by estimated lengths) over `batches`, default this sampler's batches."""
-        padded = total = 0
-        for batch in batches if batches is not None else self:
-            width = max(self.lengths[i] for i in batch)
-            padded += sum(width - self.lengths[i] for i in batch)
-            total += width * len(batch)
-        return padded / max(total, 1)
+        rows = [[self.lengths[i] for i in batch] for batch in (batches if batches is not None else self)]
+        total = sum(max(row) * len(row) for row in rows)  # each batch padded to its longest sample
+        return (total - sum(map(sum, rows))) / max(total, 1)
 
 
 def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, world=1):
-    """Endless stream of micro-batches from number `start` on: the sampler's stream is a pure function of
-    its seed, so resuming skips indices without loading them. Each process takes every world-th sample of
-    a global batch. A batch whose samples were all dropped (too long) comes out as None."""
+    """Endless micro-batches from number `start` on (a resume skips indices without loading them), each process
+    taking every world-th sample of a global batch. A batch whose samples were all dropped (too long) is None."""
     def collate(samples):
         batch = data.collate(samples, pad_token_id)
         return batch and {**batch, "ids": [f"{s['source']}: {s['id']}" for s in samples if s is not None]}
@@ -331,14 +306,12 @@ def save_checkpoint(directory, run, rng_generator_states):
 
 
 def rng_states():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states):
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.cuda.set_rng_state_all(states["cuda"])  # [] when saved without CUDA: nothing to set
 
 
 def truncate_metrics(path: str, step: int):
@@ -360,12 +333,10 @@ def latest_checkpoint(out: str) -> str | None:
 # The loop: set-up, one step, log and checkpoint.
 
 def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
-    """Everything a run holds: accelerator, model (built, or rebuilt from the checkpoint to resume), the data
-    stream from its position, the optimizer with one parameter group per part, the step counters."""
+    """-> the run: accelerator, model, data stream, optimizer and step counters, built new or resumed from --out."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    sources = parse_sources(cfg.data)
-    if not sources:
+    if not (sources := parse_sources(cfg.data)):
         raise SystemExit("no --data given")
     if cfg.expandable_segments and not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read when CUDA starts: just below
@@ -379,10 +350,9 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
         raise SystemExit(f"{cfg.out} already holds a run: --resume continues it, or give another --out")
     if resume_from and os.path.exists(os.path.join(cfg.out, "config.json")):
         check_resume(data.read_json(os.path.join(cfg.out, "config.json")), cfg, overrides, resume_from)
-    if resume_from:  # rebuild the same model, then load its trained tensors
-        model = LlavaStyleModel.from_pretrained(resume_from, device=accelerator.device)
-    else:
-        model = load_model(cfg, overrides, accelerator.device)
+    # to resume: rebuild the same model, then load its trained tensors
+    model = (LlavaStyleModel.from_pretrained(resume_from, device=accelerator.device) if resume_from
+             else load_model(cfg, overrides, accelerator.device))
     dataset, sampler = build_data(cfg, model, sources, accelerator.num_processes)
     wrapped = accelerator.prepare(model.compile_blocks() if cfg.compile else model)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # built alike, but each process its own dropout masks
@@ -397,19 +367,18 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
         for group in optimizer.param_groups:  # the state's own would win over a changed --weight-decay
             group["weight_decay"] = cfg.weight_decay
         step, micro = state["step"], state["micro_batches"]
-        rng = state["rng"]  # one entry per process of the run that saved it
-        set_rng_states(rng[min(accelerator.process_index, len(rng) - 1)])
+        # one RNG entry per process of the run that saved it
+        set_rng_states(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
         if accelerator.is_main_process:
             truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)
     optimizer = accelerator.prepare(optimizer)
     os.makedirs(cfg.out, exist_ok=True)
     main = accelerator.is_main_process
     if main:
-        data.write_json(os.path.join(cfg.out, "config.json"),
-                        {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)})
+        data.write_json(os.path.join(cfg.out, "config.json"), {"train": asdict(cfg), "model": asdict(model.cfg)})
     if cfg.report_to:  # trackers take scalars and strings only (tensorboard's hparams)
         accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                     for k, v in dataclasses.asdict(cfg).items()})
+                                                     for k, v in asdict(cfg).items()})
     stream = batches(dataset, sampler, model.tokenizer.pad_token_id, cfg.num_workers, micro,
                      accelerator.process_index, accelerator.num_processes)
     name = cfg.run_name or os.path.basename(os.path.abspath(cfg.out))
@@ -421,8 +390,7 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
 
 
 def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str):
-    """A checkpoint continues the run that saved it (config.json): the model's fields, the data and the optimizer's
-    kind stay; learning rates and the schedule change only with --resume-changes, then applied and recorded."""
+    """A checkpoint resumes as saved (config.json): only learning rates and schedule may change (--resume-changes)."""
     was = {"optim": "adamw", **saved["train"], **saved["model"]}
     now = json.loads(json.dumps({**{k: getattr(cfg, k) for k in RESUME_FIXED + RESUME_SCHEDULE}, **overrides}))
     changed = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
@@ -439,8 +407,7 @@ def learning_rate(run, name: str) -> float:
 
 
 def train_step(run, cfg: TrainConfig) -> dict:
-    """One optimizer step: grad_accum micro-batches forward and backward (gradients synchronised on the last
-    one only), clip, step at learning_rate(step). -> the step's statistics for the log."""
+    """One optimizer step (grad_accum micro-batches, gradients synchronised on the last only) -> its log record."""
     accelerator = run.accelerator
     start, tokens, padded, loss_sum = time.perf_counter(), 0, 0, 0.0
     for i in range(cfg.grad_accum):
@@ -452,8 +419,7 @@ def train_step(run, cfg: TrainConfig) -> dict:
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         tokens += int(batch["attention_mask"].sum())
         padded += int((batch["attention_mask"] == 0).sum())
-        sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped)
-        with sync, accelerator.autocast():
+        with nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped), accelerator.autocast():
             loss = run.wrapped(**batch, return_logits=False).loss  # the LM head on labelled positions only
             if not torch.isfinite(loss):
                 last = latest_checkpoint(cfg.out)
@@ -480,8 +446,7 @@ def train_step(run, cfg: TrainConfig) -> dict:
 
 
 def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
-    """After a step: the progress bar, metrics.jsonl every log_every steps, a checkpoint every save_every steps
-    or when a signal asked to stop, and the bench every eval_every steps and at the end."""
+    """After a step: progress bar, metrics.jsonl, a checkpoint (also when a signal asks to stop), the bench."""
     from accelerate.utils import gather_object
 
     accelerator = run.accelerator
@@ -500,8 +465,7 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
             save_checkpoint(os.path.join(cfg.out, f"checkpoint-{run.step}"), run, states)
     if cfg.eval_bench and accelerator.is_main_process and (
             (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total):
-        scores = evaluate_on_bench(run.model, cfg, run.step)
-        run.log_file.write(json.dumps({"step": run.step, "eval": scores}) + "\n")
+        run.log_file.write(json.dumps({"step": run.step, "eval": evaluate_on_bench(run.model, cfg, run.step)}) + "\n")
 
 
 def train(cfg: TrainConfig, overrides: dict) -> dict:
@@ -532,8 +496,7 @@ def train(cfg: TrainConfig, overrides: dict) -> dict:
 
 
 def evaluate_on_bench(model, cfg: TrainConfig, step: int) -> dict:
-    """Score the model on cfg.eval_bench (evaluate.run_bench, greedy) -> {split: score}; back to training.
-    Multiple-choice answers are a letter, so MC-only evaluation generates at most 16 tokens."""
+    """cfg.eval_bench -> {split: score} (evaluate.run_bench, greedy; MC-only: 16 new tokens, for a letter)."""
     import evaluate
 
     model.eval()
@@ -548,8 +511,7 @@ def evaluate_on_bench(model, cfg: TrainConfig, step: int) -> dict:
 
 def plot_loss(out: str):
     """metrics.jsonl -> loss.png (skipped, with a warning, when matplotlib is not installed)."""
-    plt = data.pyplot()
-    if plt is None:
+    if (plt := data.pyplot()) is None:
         return
     rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
