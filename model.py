@@ -1,21 +1,18 @@
 """The LLaVA-NeXT-style model of INST-IT (2.4, 3.1): vision encoder -> MLP projector -> 2x2 pooling (videos) or
 AnyRes tiles (images) -> causal LM.
 
-Read top to bottom in the order data flows: `ModelConfig` and `num_visual_tokens` (how many tokens an
-image or a video becomes), loading the three parts, `LlavaStyleModel.forward` (features are written
-into the `<image>` positions that data.py expanded), generation, saving, merging.
+Read top to bottom as data flows: `ModelConfig` and `num_visual_tokens` (tokens per image or video), loading the three
+parts, `LlavaStyleModel.forward` (features fill the `<image>` positions data.py expanded), generation, saving, merging.
 
-Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; transformers' LLaVA-1.5
-(`LlavaForConditionalGeneration`), LLaVA-NeXT and LLaVA-OneVision checkpoints are adopted with
-`LlavaStyleModel.from_llava_hf`.
-"""
+Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; transformers' LLaVA-1.5, LLaVA-NeXT and
+LLaVA-OneVision checkpoints are adopted with `LlavaStyleModel.from_llava_hf`."""
 import itertools
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,9 +66,8 @@ def num_visual_tokens(cfg: ModelConfig, num_frames: int = 1, pooled: bool = Fals
 
     Unpooled (a single image): grid^2 per frame (+1 with strategy "full" on an encoder with CLS).
     Pooled (videos, several visuals): ceil(grid / stride)^2 per frame; CLS never survives pooling.
-    AnyRes (an image of `image_size` (height, width)): the base image's grid^2, then anyres_shape's rows of
-    tiles' tokens, each with an image_newline. A model with an image_newline ends a plain image (and, with
-    video_newline, a video) with one."""
+    AnyRes (an image of `image_size` (height, width)): the base image's grid^2, then anyres_shape's rows of tiles'
+    tokens, each row ending with an image_newline, which also ends a plain image (and a video with video_newline)."""
     if not cfg.image_size or not cfg.patch_size:
         raise ValueError("ModelConfig.image_size/patch_size are unset: take the config from build_model(cfg).cfg")
     grid = cfg.image_size // cfg.patch_size
@@ -99,9 +95,8 @@ def anyres_grid(cfg: ModelConfig, image_size) -> tuple[int, int]:
 
 
 def anyres_shape(cfg: ModelConfig, image_size) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((rows, cols) unpadded, (rows, cols) kept) of an AnyRes image's tile tokens: the tiles' token grid cut to
-    the image's aspect ratio (the padding removed, LLaVA-NeXT's "spatial_unpad"), then shrunk to at most
-    `anyres_max` tiles' worth when it holds over 1.1x that many (OneVision)."""
+    """((rows, cols) unpadded, (rows, cols) kept) of an AnyRes image's tile tokens: the token grid cut to the image's
+    aspect ratio (LLaVA-NeXT's "spatial_unpad"), then shrunk to at most `anyres_max` tiles' worth (OneVision)."""
     grid = cfg.image_size // cfg.patch_size
     rows, cols = (n * grid for n in anyres_grid(cfg, image_size))
     height, width = image_size
@@ -116,10 +111,9 @@ def anyres_shape(cfg: ModelConfig, image_size) -> tuple[tuple[int, int], tuple[i
 def preprocess_image(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
     """An RGB image -> (3, S, S) pixels: padded to a square with the mean colour (LLaVA's "pad"), resized
     (bicubic) to cfg.image_size, normalised with the encoder's mean and std."""
-    w, h = image.size
-    side = max(w, h)
+    side = max(image.size)
     square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in cfg.image_mean))
-    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return normalize(square.resize((cfg.image_size, cfg.image_size), Image.BICUBIC), cfg)
 
 
@@ -129,9 +123,8 @@ def normalize(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
 
 
 def anyres_tiles(image: Image.Image, cfg: ModelConfig) -> list[torch.Tensor]:
-    """An image -> its base view and AnyRes tiles as (3, S, S) pixels (LLaVA-NeXT): the whole image squashed to
-    S x S, then the image resized to fit the best grid pinpoint (aspect kept), centred on black and cut into
-    S x S tiles row by row, as transformers' LlavaNextImageProcessor does."""
+    """An image -> its base view (squashed to S x S) and AnyRes tiles (row by row) as (3, S, S) pixels, as
+    transformers' LlavaNextImageProcessor makes them (LLaVA-NeXT)."""
     side, (rows, cols) = cfg.image_size, anyres_grid(cfg, (image.height, image.width))
     width, height = cols * side, rows * side
     if width / image.width < height / image.height:
@@ -148,17 +141,14 @@ def anyres_tiles(image: Image.Image, cfg: ModelConfig) -> list[torch.Tensor]:
 def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
     """(T, g*g, D) per-frame patch features -> (T, ceil(g/stride)^2, D), INST-IT's 2x2 video pooling.
 
-    Odd grids (SigLIP-384: 27x27) round up: the last row/column window is clipped to the image and
-    averaged over the patches it covers ("average"), or the grid is resized to the same size ("bilinear")."""
+    Odd grids (SigLIP-384: 27x27) round up: "average" averages the last, clipped window; "bilinear" resizes."""
     t, n, d = x.shape
     g = math.isqrt(n)
     x = x.transpose(1, 2).reshape(t, d, g, g)
-    if mode == "average":
-        x = F.avg_pool2d(x, stride, stride, ceil_mode=True)
-    elif mode == "bilinear":
-        x = F.interpolate(x, size=math.ceil(g / stride), mode="bilinear", align_corners=False)
-    else:
+    if mode not in ("average", "bilinear"):
         raise ValueError(f"pool_mode must be 'average' or 'bilinear', got {mode!r}")
+    x = (F.avg_pool2d(x, stride, stride, ceil_mode=True) if mode == "average"
+         else F.interpolate(x, size=math.ceil(g / stride), mode="bilinear", align_corners=False))
     return x.flatten(2).transpose(1, 2)
 
 
@@ -190,10 +180,9 @@ ADOPTED = ("llava", "llava_next", "llava_onevision")  # transformers model types
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def load_vision(path: str, dtype, config=None, key_mapping=None):
@@ -205,19 +194,18 @@ def load_vision(path: str, dtype, config=None, key_mapping=None):
     if not (getattr(config, "image_size", None) and getattr(config, "patch_size", None)):
         raise ValueError(f"{path}: vision model type {config.model_type!r} has no image_size/patch_size; "
                          "model.py supports ViT-style encoders such as CLIP and SigLIP")
-    return strict_from_pretrained(AutoModel, path, config=config, dtype=dtype, attn_implementation="sdpa",
-                                  key_mapping=key_mapping)
+    return strict_from_pretrained(AutoModel, path, config=config, dtype=dtype, key_mapping=key_mapping)
 
 
 def strict_from_pretrained(auto_class, path, **kwargs):
-    """`auto_class.from_pretrained`, quiet about a checkpoint's other parts (a LLaVA checkpoint holds three
-    models) but an error when a weight of the model being loaded is missing."""
+    """`auto_class.from_pretrained` with sdpa attention, quiet about a checkpoint's other parts (a LLaVA checkpoint
+    holds three models) but an error when a weight of the model being loaded is missing."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, attn_implementation="sdpa", **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
@@ -250,13 +238,10 @@ def load_language_model(path: str, cfg: ModelConfig, dtype, device, config=None,
     tower and projector keep their precision."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = None
-    if cfg.load_in_4bit:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-    return strict_from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype,
-                                  quantization_config=quant, device_map={"": device},
-                                  attn_implementation="sdpa", key_mapping=key_mapping)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype) if cfg.load_in_4bit else None
+    return strict_from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, quantization_config=quant,
+                                  device_map={"": device}, key_mapping=key_mapping)
 
 
 def checkpoint_tensors(path: str, prefix: str) -> dict:
@@ -269,9 +254,7 @@ def checkpoint_tensors(path: str, prefix: str) -> dict:
     out = {}
     for shard in shards:
         with safe_open(cached_file(path, shard), "pt") as f:
-            for key in f.keys():
-                if m := re.match(prefix, key):
-                    out[key[m.end():]] = f.get_tensor(key)
+            out.update({key[m.end():]: f.get_tensor(key) for key in f.keys() if (m := re.match(prefix, key))})
     return out
 
 
@@ -280,11 +263,10 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
     from transformers import AutoConfig, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.lm_training not in ("lora", "full", "frozen"):
-        raise ValueError(f"lm_training must be 'lora', 'full' or 'frozen', got {cfg.lm_training!r}")
     if cfg.load_in_4bit and cfg.lm_training == "full":
         raise ValueError("load_in_4bit trains LoRA adapters; set lm_training='lora' (or 'frozen')")
-    for name, allowed in [("vision_feature_select_strategy", ("default", "full")),  # pool_mode: pool_frames checks
+    for name, allowed in [("lm_training", ("lora", "full", "frozen")),  # pool_mode: pool_frames checks
+                          ("vision_feature_select_strategy", ("default", "full")),
                           ("pool_position", ("before", "after")), ("multi_image", ("pooled", "anyres", "tile"))]:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -386,11 +368,9 @@ class LlavaStyleModel(nn.Module):
         return lm
 
     def trainable_vision_tail(self) -> list:
-        """The encoder blocks that train: the last `trainable_vision_layers` of the encoder's *original*
-        depth, so INST-IT's "first 12 of 24 frozen" holds; with the penultimate feature layer the 24th block
-        is cut (it never reaches the LM) and 11 blocks train."""
-        layers = encoder_layers(self.vision)
-        return list(layers[max(0, self.vision_depth - self.cfg.trainable_vision_layers):])
+        """The encoder blocks that train: the last `trainable_vision_layers` of the encoder's *original* depth, so
+        INST-IT's "first 12 of 24 frozen" holds (with the penultimate feature layer, the 24th is cut and 11 train)."""
+        return list(encoder_layers(self.vision)[max(0, self.vision_depth - self.cfg.trainable_vision_layers):])
 
     def trainable_vision_embeddings(self) -> list:
         """The patch and position embeddings, trained only when no block is frozen (trainable_vision_layers >=
@@ -400,9 +380,8 @@ class LlavaStyleModel(nn.Module):
         return [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]
 
     def _freeze_vision(self):
-        """Freeze all but the trainable tail. A frozen parameter records no autograd graph (what no_grad
-        does); the trainable tail records one. LLaVA's tower was decorated with no_grad, so "unfreezing" it
-        trained nothing: tests check the tail gets gradients."""
+        """Freeze all but the trainable tail: frozen layers record no autograd graph, as no_grad would, but the tail
+        does (LLaVA's tower was decorated with no_grad, so "unfreezing" it trained nothing)."""
         tail = self.trainable_vision_tail()
         self.vision.requires_grad_(False)
         for layer in tail + self.trainable_vision_embeddings():
@@ -417,14 +396,11 @@ class LlavaStyleModel(nn.Module):
                 p.data = p.data.float()
 
     def _check_trainable(self):
-        """Trainable parameters must be exactly projector + LM (LoRA or full) + unfrozen vision layers (and the
-        embeddings when no layer is frozen)."""
-        expected = {
-            "projector": sum(p.numel() for p in self.projector.parameters()),
-            "vision": sum(p.numel() for part in self.trainable_vision_tail() + self.trainable_vision_embeddings()
-                          for p in part.parameters()),
-            "language": self._expected_lm_trainable,
-        }
+        """Trainable parameters must be exactly projector + LM (LoRA or full) + trainable vision tail and embeddings."""
+        vision = self.trainable_vision_tail() + self.trainable_vision_embeddings()
+        expected = {"projector": sum(p.numel() for p in self.projector.parameters()),
+                    "vision": sum(p.numel() for part in vision for p in part.parameters()),
+                    "language": self._expected_lm_trainable}
         actual = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
         if actual != expected:
             raise RuntimeError(f"trainable parameters {actual} differ from what the config implies {expected}")
@@ -433,9 +409,8 @@ class LlavaStyleModel(nn.Module):
                  100 * sum(actual.values()) / total)
 
     def compile_blocks(self, **options):
-        """torch.compile each transformer block of the vision encoder and the LM (regional compilation): the blocks
-        are alike, so one compiled graph serves them all, in seconds, and fuses the element-wise work that eager mode
-        runs kernel by kernel (a 7B video step: 0.88 -> 0.66 s on an H100). Names and checkpoints stay as they are."""
+        """torch.compile each block of the vision encoder and the LM (regional compilation): alike blocks share one
+        graph, compiled in seconds, that fuses element-wise work; names and checkpoints stay as they are."""
         for block in [*encoder_layers(self.vision), *self.lm.get_decoder().layers]:
             block.compile(**options)
         return self
@@ -459,9 +434,8 @@ class LlavaStyleModel(nn.Module):
     def encode_visuals(self, pixel_values, visual_frames, visual_pooled, image_sizes=None) -> torch.Tensor:
         """(F, 3, H, W) frames of all visuals in a batch -> (N, D_lm) features in placeholder order.
 
-        `visual_frames[i]` frames belong to visual i: a video's frames, 2x2-pooled if `visual_pooled[i]` (before
-        or after the projector, cfg.pool_position), one image, or an AnyRes image's base view and tiles when
-        `image_sizes[i]` is its (height, width)."""
+        `visual_frames[i]` frames belong to visual i: a video's, 2x2-pooled if `visual_pooled[i]` (cfg.pool_position),
+        one image, or an AnyRes image's base view and tiles when `image_sizes[i]` is its (height, width)."""
         image_sizes = image_sizes or [None] * len(visual_frames)
         if sum(visual_frames) != len(pixel_values) or not len(visual_pooled) == len(image_sizes) == len(visual_frames):
             raise ValueError(f"visual_frames {visual_frames} / visual_pooled {visual_pooled} / image_sizes "
@@ -517,8 +491,7 @@ class LlavaStyleModel(nn.Module):
         slots = input_ids == self.image_token_id
         if pixel_values is None:
             if slots.any():
-                raise ValueError(f"input_ids hold {int(slots.sum())} {self.cfg.image_token} tokens "
-                                 "but no pixel_values")
+                raise ValueError(f"input_ids hold {int(slots.sum())} {self.cfg.image_token} tokens but no pixel_values")
             return embeds
         visual_frames = visual_frames or [1] * len(pixel_values)
         visual_pooled = visual_pooled or [False] * len(visual_frames)
@@ -542,13 +515,12 @@ class LlavaStyleModel(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
                 visual_pooled=None, image_sizes=None, pixel_values_videos=None, position_ids=None, return_logits=True):
-        """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token
-        loss over labels != -100, computed as transformers' LLaVA does (fp32 logits). transformers' LLaVA-NeXT /
-        OneVision inputs (5-D pixel_values with image_sizes, or pixel_values_videos) are read by hf_visuals.
+        """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token loss over
+        labels != -100, computed as transformers' LLaVA does (fp32 logits). transformers' LLaVA-NeXT / OneVision
+        inputs (5-D pixel_values with image_sizes, or pixel_values_videos) are read by hf_visuals.
 
-        return_logits=False (training): the LM head runs only where a label is set, so no (B, L, V) logits
-        exist: at 6K context most positions are visual tokens, and full fp32 logits over a 32k vocabulary
-        are ~0.8 GB per sample. Same loss, same gradients; .logits is None."""
+        return_logits=False (training): the LM head runs only where a label is set (at 6K context, full fp32 logits
+        over a 32k vocabulary are ~0.8 GB per sample); same loss and gradients, .logits is None."""
         if pixel_values_videos is not None or (pixel_values is not None and pixel_values.dim() == 5):
             input_ids, pixel_values, visual_frames, visual_pooled, image_sizes = self.hf_visuals(
                 input_ids, pixel_values, image_sizes, pixel_values_videos)
@@ -562,17 +534,15 @@ class LlavaStyleModel(nn.Module):
                 logits = self.lm.get_output_embeddings()(hidden[:, :-1][labelled])  # (N labelled, V)
                 return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets[labelled]), logits=None)
             logits = self.lm.get_output_embeddings()(hidden)
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:].flatten().to(logits.device)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
+        if labels is None:
+            return CausalLMOutputWithPast(logits=logits)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device))
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def hf_visuals(self, input_ids, pixel_values, image_sizes, videos):
-        """transformers' LlavaNext / LlavaOnevision inputs, one visual per sample -> (input_ids, frames,
-        visual_frames, visual_pooled, image_sizes) as encode_visuals takes them. Images: (B, max tiles, 3, S, S)
-        zero-padded past each image's tiles, with image_sizes (B, 2) as (height, width); videos: (B, T, 3, S, S)
-        at OneVision's `<video>` tokens."""
+        """transformers' LlavaNext / LlavaOnevision inputs, one visual per sample -> (input_ids, frames, visual_frames,
+        visual_pooled, image_sizes) for encode_visuals. Images: (B, max tiles, 3, S, S) zero-padded past each image's
+        tiles, with image_sizes (B, 2) as (height, width); videos: (B, T, 3, S, S) at OneVision's `<video>` tokens."""
         if videos is None:
             sizes = [tuple(s) for s in torch.as_tensor(image_sizes).tolist()]
             tiles = [1 + math.prod(anyres_grid(self.cfg, s)) for s in sizes]
@@ -609,11 +579,10 @@ class LlavaStyleModel(nn.Module):
         besides the base weights named in the config."""
         from safetensors.torch import save_file
 
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-            json.dump(asdict(self.cfg), f, indent=1)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Path(out_dir, "model_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()},
-                  os.path.join(out_dir, "trained.safetensors"))
+                  str(Path(out_dir, "trained.safetensors")))
         self.tokenizer.save_pretrained(out_dir)
 
     @classmethod
@@ -622,15 +591,15 @@ class LlavaStyleModel(nn.Module):
         """Rebuild from a save_pretrained folder (base weights from the config's paths, trained tensors from
         the folder); a folder holding a llava-hf checkpoint goes to from_llava_hf. `overrides` change the
         config (e.g. a later training stage); strict=False lets parameters the folder lacks start fresh."""
-        if not os.path.exists(os.path.join(path, "model_config.json")):  # e.g. written by merge_to_llava_hf
+        config_file = Path(path, "model_config.json")
+        if not config_file.exists():  # e.g. written by merge_to_llava_hf
             return cls.from_llava_hf(path, device=device, **overrides)
-        with open(os.path.join(path, "model_config.json")) as f:
-            saved = json.load(f)
+        saved = json.loads(config_file.read_text())
         saved.setdefault("pool_position", "before")  # saved before pooling could come after the projector
         names = {f.name for f in fields(ModelConfig)}
         cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
         model = build_model(cfg, device)
-        model.load_trained(os.path.join(path, "trained.safetensors"), strict)
+        model.load_trained(str(Path(path, "trained.safetensors")), strict)
         return model
 
     def load_trained(self, file: str, strict: bool = True):
@@ -663,9 +632,8 @@ class LlavaStyleModel(nn.Module):
         if not isinstance(llava.vision_feature_layer, int):
             raise ValueError(f"{path_or_id}: several vision feature layers {llava.vision_feature_layer} "
                              "are not supported")
-        layout = {}
-        if llava.model_type != "llava":
-            layout = dict(image_grid_pinpoints=[list(p) for p in llava.image_grid_pinpoints], multi_image="anyres")
+        layout = {} if llava.model_type == "llava" else dict(
+            image_grid_pinpoints=[list(p) for p in llava.image_grid_pinpoints], multi_image="anyres")
         if llava.model_type == "llava_onevision":  # videos: 2x2 bilinear after the projector, then a newline
             max_tiles = re.fullmatch(r"anyres_max_(\d+)", llava.vision_aspect_ratio)
             layout.update(anyres_max=int(max_tiles[1]) if max_tiles else 0, multi_image="tile", video_newline=True,
@@ -687,10 +655,9 @@ class LlavaStyleModel(nn.Module):
         if unexpected:
             raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
         lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
-        cfg, layout = self.cfg, {}
+        cfg = self.cfg
         kind = "llava_onevision" if cfg.anyres_max else "llava_next" if cfg.image_grid_pinpoints else "llava"
-        if kind != "llava":
-            layout["image_grid_pinpoints"] = cfg.image_grid_pinpoints
+        layout = {} if kind == "llava" else {"image_grid_pinpoints": cfg.image_grid_pinpoints}
         if kind == "llava_onevision":  # without a <video> token, videos use the image token
             layout.update(vision_aspect_ratio=f"anyres_max_{cfg.anyres_max}",
                           video_token_index=self.tokenizer.get_vocab().get("<video>", self.image_token_id))
