@@ -1,9 +1,5 @@
 """Everything between raw media and a batch the model eats (INST-IT 2.4; MIMIC-IT; MultiInstruct).
 
-Read top to bottom in the order data flows: frames (videos, frame folders), frames to tokens (chat template,
-assistant-only labels, `<image>` expanded to `num_visual_tokens` copies, collation), then the files and formats
-that become conversations (FORMATS.md). Marks are drawn by som.py, pixels and AnyRes tiles made by model.py.
-
 A conversation ("sample") is a plain dict, the unit every loader returns and `encode_sample` reads:
     {"id": str, "source": str,
      "visuals": [{"frames": [PIL image | path | encoded bytes, ...], "pooled": bool,
@@ -55,15 +51,12 @@ def uniform_indices(total: int, num: int) -> list[int]:
     """`num` indices spread evenly over range(total), first and last included; all of them if total <= num."""
     if total <= num:
         return list(range(total))
-    if num == 1:
-        return [(total - 1) // 2]
-    return [i * (total - 1) // (num - 1) for i in range(num)]
+    return [(total - 1) // 2] if num == 1 else [i * (total - 1) // (num - 1) for i in range(num)]
 
 
 def sample_frames(source, num_frames: int) -> tuple[list[Image.Image], list[int]]:
     """A video file, a folder of frames or a list of frame paths -> (at most `num_frames` RGB frames sampled
-    uniformly, their 0-based indices in the source). A shorter video gives all its frames; the indices map
-    INST-IT's 1-based <t> timestamps back to frames."""
+    uniformly, their 0-based indices in the source: they map INST-IT's 1-based <t> timestamps back to frames)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if isinstance(source, (list, tuple)):
@@ -100,12 +93,10 @@ def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int
             frames = [Image.fromarray(a) for a in reader.get_batch(indices).asnumpy()] if indices else []
         else:
             with av.open(path) as container:
-                total = container.streams.video[0].frames or sum(
-                    1 for packet in container.demux(video=0) if packet.size)
+                total = container.streams.video[0].frames or sum(1 for p in container.demux(video=0) if p.size)
             indices = uniform_indices(total, num_frames)
-            wanted = set(indices)
             with av.open(path) as container:
-                frames = [f.to_image().convert("RGB") for i, f in enumerate(container.decode(video=0)) if i in wanted]
+                frames = [f.to_image().convert("RGB") for i, f in enumerate(container.decode(video=0)) if i in indices]
     except Exception as e:  # decord raises RuntimeError or its own DECORDError, both with long C++ traces
         raise ValueError(f"{path}: cannot decode this video ({str(e).strip().splitlines()[0][:200]}); "
                          "the file is corrupt, truncated or not a video") from e
@@ -137,9 +128,8 @@ def load_visual(visual: dict, cfg: ModelConfig) -> list[Image.Image]:
 
 
 def chat_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """Messages -> the rendered chat as consecutive (text, is_assistant) pieces; joined they are the whole
-    prompt. Uses the tokenizer's chat template (each assistant piece is what the template adds for that
-    turn: content and end marker), or LLaVA's Vicuna v1 template for tokenizers without one."""
+    """Messages -> the rendered chat as (text, is_assistant) pieces that join into the whole prompt: by the tokenizer's
+    chat template (an assistant piece: what it adds for that turn, content and end marker), else by Vicuna v1's."""
     if not tokenizer.chat_template:
         system = next((m["content"] for m in messages if m["role"] == "system"), FALLBACK_SYSTEM)
         pieces = [((tokenizer.bos_token or "") + system, False)]
@@ -163,29 +153,23 @@ def chat_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = F
                                  "a simpler one)")
             pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
-    final = render(messages, add_generation_prompt)
-    pieces.append((final[len(done):], False))
-    return pieces
+    return pieces + [(render(messages, add_generation_prompt)[len(done):], False)]
 
 
 def tokenize_chat(messages, tokenizer, add_generation_prompt=False) -> tuple[list[int], list[int]]:
-    """Messages -> (token ids, labels): the whole chat tokenized at once (as at inference), each token
-    labelled with its id if it starts inside an assistant piece, else -100. Checked: every assistant turn
-    gets tokens whose text contains its content."""
+    """Messages -> (token ids, labels): the chat tokenized at once (as at inference); a token starting inside an
+    assistant piece is labelled with its id, else -100. Each assistant turn's tokens must decode to its content."""
     pieces = chat_pieces(messages, tokenizer, add_generation_prompt)
-    text = "".join(p for p, _ in pieces)
     if not tokenizer.is_fast:
         raise ValueError("assistant-only labels need a fast tokenizer "
                          "(AutoTokenizer.from_pretrained(..., use_fast=True))")
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer("".join(p for p, _ in pieces), add_special_tokens=False, return_offsets_mapping=True)
     ids, starts = encoded["input_ids"], [s for s, _ in encoded["offset_mapping"]]
-    labels, position, turn = [-100] * len(ids), 0, 0
+    labelled, position, turn = set(), 0, 0
     for piece, is_assistant in pieces:
-        end = position + len(piece)
+        start, position = position, position + len(piece)
         if is_assistant:
-            inside = [k for k, s in enumerate(starts) if position <= s < end]
-            for k in inside:
-                labels[k] = ids[k]
+            inside = [k for k, s in enumerate(starts) if start <= s < position]
             if not inside:
                 raise ValueError(f"assistant turn {turn} gets no tokens from the chat template: its label mask "
                                  "would be empty")
@@ -194,9 +178,9 @@ def tokenize_chat(messages, tokenizer, add_generation_prompt=False) -> tuple[lis
             if "".join(content.split()) not in "".join(decoded.split()):
                 raise ValueError(f"assistant turn {turn}: its labelled tokens {decoded[:60]!r} do not cover its text "
                                  f"{content[:60]!r}; the template or tokenizer merges it with the prompt")
+            labelled.update(inside)
             turn += 1
-        position = end
-    return ids, labels
+    return ids, [token if k in labelled else -100 for k, token in enumerate(ids)]
 
 
 def visual_layout(visual: dict, num_frames: int, num_visuals: int, cfg: ModelConfig) -> tuple[bool, tuple | None]:
@@ -217,11 +201,10 @@ def visual_layout(visual: dict, num_frames: int, num_visuals: int, cfg: ModelCon
 def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6144,
                   add_generation_prompt: bool = False) -> dict | None:
     """A sample -> {"input_ids": (L,), "labels": (L,), "pixel_values": (F, 3, S, S) | None, "visual_frames": [frames
-    or AnyRes tiles per visual], "visual_pooled", "image_sizes" (visual_layout's), "id"}: the chat template applied,
-    labels on assistant tokens only, each `<image>` expanded to num_visual_tokens(cfg, frames, pooled, size) tokens.
-    Longer than `max_length` (INST-IT's 6K): trailing text-only turns go, then the text after the last visual
-    token; a sample that still does not fit is dropped (None, the reason logged). `add_generation_prompt=True`
-    encodes a prompt (ending with a user turn; no labels)."""
+    or AnyRes tiles per visual], "visual_pooled", "image_sizes" (visual_layout's), "id", "source"}: labels on assistant
+    tokens only, each `<image>` expanded to num_visual_tokens(cfg, frames, pooled, size) tokens. Over `max_length`
+    (INST-IT's 6K), trailing text-only turns go, then the text after the last visual token; a sample that still
+    does not fit is dropped (None, logged). `add_generation_prompt=True` encodes a prompt (ends with a user turn)."""
     name = sample.get("id", "?")
     visuals = sample.get("visuals", [])
     try:
@@ -247,11 +230,10 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
             ids, labels = tokenize_chat(messages, tokenizer, add_generation_prompt)
         except ValueError as e:
             raise ValueError(f"sample {name}: {e}") from e
-        length = len(ids) + sum(counts) - len(counts)
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
         droppable = (not add_generation_prompt and any(m["role"] == "assistant" for m in messages[:last_user])
                      and cfg.image_token not in "".join(m["content"] for m in messages[last_user:]))
-        if length <= max_length or not droppable:
+        if len(ids) + sum(counts) - len(counts) <= max_length or not droppable:  # placeholders expanded
             break
         messages = messages[:last_user]  # drop the last question and its answer
     if ids.count(image_id) != len(visuals):
@@ -264,8 +246,7 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
         input_ids += [token] * n
         target += [-100 if token == image_id else label] * n
     if len(input_ids) > max_length:
-        last_visual = max((i for i, t in enumerate(input_ids) if t == image_id), default=-1)
-        if add_generation_prompt or last_visual >= max_length or all(t == -100 for t in target[:max_length]):
+        if add_generation_prompt or image_id in input_ids[max_length:] or all(t == -100 for t in target[:max_length]):
             log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its text "
                         "shortened; raise max_length or use fewer frames",
                         name, len(input_ids), sum(counts), max_length)
@@ -281,9 +262,8 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
 
 
 def collate(samples: list, pad_token_id: int, padding_side: str = "right") -> dict | None:
-    """encode_sample outputs -> a batch for LlavaStyleModel.forward(**batch): input_ids, attention_mask,
-    labels (B, L); pixel_values (all frames in order, or None); visual_frames / visual_pooled over all visuals.
-    Right padding for training, left for generation. Dropped samples (None) are left out; None if all are."""
+    """encode_sample outputs -> a batch for LlavaStyleModel.forward(**batch): input_ids, attention_mask, labels (B, L)
+    padded right (training) or left (generation), the rest concatenated. Dropped samples (None) are left out."""
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
@@ -298,14 +278,11 @@ def collate(samples: list, pad_token_id: int, padding_side: str = "right") -> di
             "attention_mask": torch.stack([pad(torch.ones_like(s["input_ids"]), 0) for s in samples]),
             "labels": torch.stack([pad(s["labels"], -100) for s in samples]),
             "pixel_values": torch.cat(pixels) if pixels else None,
-            "visual_frames": [n for s in samples for n in s["visual_frames"]],
-            "visual_pooled": [p for s in samples for p in s["visual_pooled"]],
-            "image_sizes": [size for s in samples for size in s["image_sizes"]]}
+            **{key: [x for s in samples for x in s[key]] for key in ("visual_frames", "visual_pooled", "image_sizes")}}
 
 
 class InstructionDataset(torch.utils.data.Dataset):
-    """Samples -> encode_sample outputs (None for a dropped over-long sample). Media are read, sampled and
-    marked in __getitem__, i.e. in the DataLoader's workers."""
+    """Samples -> encode_sample outputs (None: dropped); media are read and marked in the DataLoader's workers."""
 
     def __init__(self, samples: list[dict], tokenizer, cfg: ModelConfig, max_length: int = 6144):
         self.samples, self.tokenizer, self.cfg, self.max_length = samples, tokenizer, cfg, max_length
@@ -317,18 +294,16 @@ class InstructionDataset(torch.utils.data.Dataset):
         return encode_sample(self.samples[i], self.tokenizer, self.cfg, self.max_length)
 
     def lengths(self) -> list[int]:
-        """Estimated token counts (text tokens + visual tokens; an unread video counts as cfg.max_frames frames)
-        for grouping by length, without reading any media."""
+        """Estimated token counts for grouping by length, no media read (an unread video counts cfg.max_frames)."""
         texts = ["\n".join(m["content"] for m in s["messages"]) for s in self.samples]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         cfg, out = self.cfg, []
         for s, ids in zip(self.samples, encoded):
             visuals = s.get("visuals", [])
-            visual = 0
-            for v in visuals:
-                frames = v.get("num_frames") or cfg.max_frames if "video" in v else len(v["frames"])
-                visual += num_visual_tokens(cfg, frames, *visual_layout(v, frames, len(visuals), cfg)) - 1
-            out.append(len(ids) + 4 * len(s["messages"]) + visual)
+            frames = [v.get("num_frames") or cfg.max_frames if "video" in v else len(v["frames"]) for v in visuals]
+            tokens = [num_visual_tokens(cfg, n, *visual_layout(v, n, len(visuals), cfg))
+                      for v, n in zip(visuals, frames)]
+            out.append(len(ids) + 4 * len(s["messages"]) + sum(tokens) - len(tokens))  # a placeholder -> its tokens
         return out
 
 
@@ -355,8 +330,7 @@ def read_json(path: str):
 
 
 def write_json(path, obj):
-    """Write a .json file (a .jsonl file: one line per item of `obj`) through a temporary file renamed over
-    `path`, so that a killed run never leaves half a file."""
+    """Write .json (.jsonl: a line per item) through a temporary file renamed over `path`: no half file if killed."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -381,8 +355,7 @@ def read_parquet(path: str) -> list[dict]:
 
 
 def log_to_stderr():
-    """Every command line's logging: this project's loggers (model, data, annotate, ...) at INFO, other
-    libraries' at WARNING, so that model.py's trainable-parameter report shows in a training run."""
+    """Every CLI's logging: this project's loggers at INFO (model.py's parameter report shows), others' at WARNING."""
     logging.basicConfig(format="%(message)s")
     for name in ("model", "data", "annotate", "train", "evaluate", "demo"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -439,9 +412,8 @@ def record_label(index, record, *id_fields) -> str:
 
 
 def convert_records(file: str, records, convert, *id_fields) -> list:
-    """Apply `convert(record) -> list` to a list of records (named by record_label(..., *id_fields)) or a
-    dict {name: record}; a record that does not fit is logged (file, record, field, problem) and skipped,
-    and a summary counts the skips per field."""
+    """Apply `convert(record) -> list` to a list of records (named by record_label) or a dict {name: record}; a record
+    that does not fit is logged (file, record, field, problem) and skipped, with a summary of skips per field."""
     if not isinstance(records, dict):
         records = {record_label(i, r, *id_fields): r for i, r in enumerate(records)}
     out, skipped = [], Counter()
@@ -469,10 +441,9 @@ def normalize_text(text: str) -> str:
 
 def load_instit_dataset(path: str, media_root: str | None = None, check_media: bool = True,
                         records: list | None = None) -> list[dict]:
-    """An INST-IT Dataset JSON, video or image part (an image is a one-frame video), with or without masks ->
-    records {"id", "file", "frames": [{"timestamp", "path", "instances": {id: caption}, "image_level",
-    "temporal_change", "masks": {id: RLE | box} | None}] sorted by timestamp, "video_caption", "qa": [(q, a)]}.
-    `records`: the file's content when already read."""
+    """An INST-IT Dataset JSON (video or image part, an image a one-frame video; masks optional; `records`: its content
+    when already read) -> records {"id", "file", "frames" (by timestamp): [{"timestamp", "path", "instances": {id:
+    caption}, "image_level", "temporal_change", "masks": {id: RLE | box} | None}], "video_caption", "qa": [(q, a)]}."""
     records = read_json(path) if records is None else records
     media_root = media_root if media_root is not None else os.path.dirname(path)
     if not isinstance(records, list):
@@ -519,10 +490,9 @@ def load_instit_dataset(path: str, media_root: str | None = None, check_media: b
         if not frames:
             raise RecordError("frame_level_caption", "empty")
         frames.sort(key=lambda f: f["timestamp"])
-        qa = []
-        for k, pair in enumerate(rec.get("question_answer_pairs") or []):
-            where = f"question_answer_pairs[{k}]"
-            qa.append(tuple(normalize_text(required(pair, key, str, where)) for key in ("question", "answer")))
+        qa = [(normalize_text(required(pair, "question", str, f"question_answer_pairs[{k}]")),
+               normalize_text(required(pair, "answer", str, f"question_answer_pairs[{k}]")))
+              for k, pair in enumerate(rec.get("question_answer_pairs") or [])]
         summary = rec.get("video_level_caption")
         return [{"id": f"video {rec.get('video_id', '?')}", "file": path, "frames": frames,
                  "video_caption": summary and normalize_text(summary), "qa": qa}]
@@ -535,8 +505,7 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
     1. each frame: "describe each marked instance" -> instance captions; "describe the image" -> its caption;
     2. each two consecutive frames with a temporal change: "what changed" -> the change;
     3. all annotated frames: "describe the video" -> the video caption; 4. the QA pairs as one multi-turn chat.
-    `draw_marks=True`: raw frames, the masks drawn when loaded (False: marked frames, as the released *_vpt
-    folders are). A conversation naming an [ID] its frames' masks do not mark is skipped with a warning."""
+    `draw_marks=True`: raw frames, masks drawn when loaded (False: marked frames, as the released *_vpt folders)."""
     out, frames = [], record["frames"]
 
     def add(kind, shown, turns):
@@ -659,9 +628,8 @@ def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
 
 def load_llava(path: str, media_root: str | None = None, check_media: bool = True,
                records: list | None = None) -> list[dict]:
-    """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in; `records`: its content when
-    already read) -> samples: text-only, one image, several or a video (visual_layout pools them as the model
-    does); placeholders missing from the text go before the first user turn."""
+    """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in; `records`: its content if read)
+    -> samples, text-only or with images and/or a video; placeholders missing go before the first user turn."""
     records = read_json(path) if records is None else records
     root = media_root if media_root is not None else os.path.dirname(path)
 
@@ -720,26 +688,24 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
                 frames.append(base64.b64decode(pictures[image_id], validate=True))
             except ValueError:
                 raise RecordError(f"{ins_id}.image_ids", f"image {image_id} is not valid base64") from None
-        return {"frames": frames}, required(ins, "instruction", str, ins_id), required(ins, "answer", str, ins_id)
+        question = f"{PLACEHOLDER}\n{required(ins, 'instruction', str, ins_id)}"
+        return {"frames": frames}, [{"role": "user", "content": question},
+                                    {"role": "assistant", "content": required(ins, "answer", str, ins_id)}]
 
     def convert(item):
         ins_id, context = item
         chunks = [chunk(c, f"{ins_id}.rel_ins_ids") for c in context or []] + [chunk(ins_id, "data")]
-        messages = []
-        for visual, instruction, answer in chunks:
-            messages += [{"role": "user", "content": f"{PLACEHOLDER}\n{instruction}"},
-                         {"role": "assistant", "content": answer}]
-        return [{"id": ins_id, "source": instructions, "visuals": [c[0] for c in chunks], "messages": messages}]
+        return [{"id": ins_id, "source": instructions, "visuals": [visual for visual, _ in chunks],
+                 "messages": [m for _, turn in chunks for m in turn]}]
 
     return convert_records(instructions, {k: (k, v) for k, v in queries.items()}, convert)
 
 
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
                        template_index: int | None = None, check_media: bool = True) -> list[dict]:
-    """MultiInstruct .jsonl instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples,
-    each written with one of its task's templates drawn with a generator seeded by `seed` (or template
-    `template_index` for all, as Sensitivity needs): str.format over the instance's fields, regions as text
-    (several joined by "||||"), options after "\\n\\n[Options]: ", as MultiInstruct does."""
+    """MultiInstruct .jsonl instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each
+    written with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs),
+    formatted with its fields; regions joined by "||||", options after "\\n\\n[Options]: " (as MultiInstruct does)."""
     if isinstance(templates, str):
         templates = read_json(templates)
     root = media_root if media_root is not None else os.path.dirname(path)
@@ -772,9 +738,8 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
 
 
 def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
-    """Natural Instructions task file(s) (`Definition`, `Positive Examples`, `Instances`; a file or a folder
-    of them) -> text-only samples: definition + `num_examples` positive examples + the instance's input ->
-    its first output. The text-only data MultiInstruct mixes in or trains on first."""
+    """Natural Instructions task file(s) (a file or a folder; the text-only data MultiInstruct mixes in or starts on) ->
+    samples: `Definition` + `num_examples` `Positive Examples` + an `Instances` item's input -> its first output."""
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json"))
     samples = []
