@@ -312,21 +312,27 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 def read_json(path: str):
     """A .json file, or a .jsonl file as a list of its lines' objects (errors name the file and line)."""
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # the exact byte: a text stream's error counts from its last chunk
+        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {raw[e.start:e.start + 4]!r}); open it in "
+                         "an editor and save it with the UTF-8 encoding") from None
+    if not path.endswith(".jsonl"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
             try:
-                return json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        out = []
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:  # kept as a bad record: counted in the loader's summary
-                    log.warning("%s:%d: not valid JSON (%s)", path, n, e)
-                    out.append(None)
-        return out
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:  # kept as a bad record: counted in the loader's summary
+                log.warning("%s:%d: not valid JSON (%s)", path, n, e)
+                out.append(None)
+    return out
 
 
 def write_json(path, obj):

@@ -322,3 +322,14 @@ def test_instit_masked_video_marks_every_frame_with_the_same_colour(instit, capl
     frames = [np.array(f) for f in data.load_visual(video, data.ModelConfig(image_size=32, patch_size=8))]
     for frame in frames:  # contour and label box of each ID in its own colour, on every frame
         assert all((frame == som.id_colour(i)).all(-1).sum() >= 6 for i in (1, 2))
+
+
+@pytest.mark.parametrize("name", ["captions.json"])
+def test_non_utf8_file_names_the_file_and_byte(tmp_path, name):
+    """A file saved as Latin-1 (Windows' default): the error names it and the first bad byte, and says the fix."""
+    record = {"id": "1", "conversations": [{"from": "human", "value": "Où?"}, {"from": "gpt", "value": "Ici."}]}
+    text = json.dumps(record, ensure_ascii=False)
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index("ù".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text \(byte offset {offset}: .*save it with the UTF-8"):
+        data.main(["show", str(tmp_path / name)])
