@@ -76,7 +76,7 @@ def sample_frames(source, num_frames: int) -> tuple[list[Image.Image], list[int]
 
 
 def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int]]:
-    """Decode sampled frames with decord, or PyAV where decord is not installed (macOS, aarch64)."""
+    """Decode sampled frames with decord, or PyAV where decord is not installed (macOS, aarch64); both upright."""
     try:
         import decord
     except ImportError:
@@ -95,8 +95,9 @@ def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int
             with av.open(path) as container:
                 total = container.streams.video[0].frames or sum(1 for p in container.demux(video=0) if p.size)
             indices = uniform_indices(total, num_frames)
-            with av.open(path) as container:
-                frames = [f.to_image().convert("RGB") for i, f in enumerate(container.decode(video=0)) if i in indices]
+            with av.open(path) as container:  # a phone clip's rotation tag: turn counterclockwise, as decord does
+                frames = [f.to_image().convert("RGB").rotate(f.rotation, expand=True)
+                          for i, f in enumerate(container.decode(video=0)) if i in indices]
     except Exception as e:  # decord raises RuntimeError or its own DECORDError, both with long C++ traces
         raise ValueError(f"{path}: cannot decode this video ({str(e).strip().splitlines()[0][:200]}); "
                          "the file is corrupt, truncated or not a video") from e

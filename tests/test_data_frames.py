@@ -1,5 +1,7 @@
 """Frame sampling from frame folders, frame lists and video files (decord; PyAV fallback)."""
+import importlib.util
 import io
+import os
 import struct
 import sys
 import types
@@ -130,29 +132,30 @@ def test_zero_frame_video_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_pyav_fallback_when_decord_is_missing(tmp_path, monkeypatch):
-    decoded = [types.SimpleNamespace(to_image=lambda v=i * 10: grey(v)) for i in range(7)]
+    pytest.importorskip("av")
+    monkeypatch.setitem(sys.modules, "decord", None)  # "not installed": the real PyAV decodes
+    video = tmp_path / "clip.avi"
+    write_avi(video, [grey(i * 25) for i in range(10)])
+    frames, indices = data.sample_frames(str(video), 4)
+    assert indices == [0, 3, 6, 9]
+    assert [abs(f.getpixel((5, 5))[0] - i * 25) <= 3 for f, i in zip(frames, indices)] == [True] * 4
 
-    class Container:
-        streams = types.SimpleNamespace(video=[types.SimpleNamespace(frames=7)])
 
-        def __enter__(self):
-            return self
+ROTATED = os.path.join(os.path.dirname(__file__), "data", "rotated")  # decord's phone clips (SOURCE.md)
 
-        def __exit__(self, *exc):
-            return False
 
-        def decode(self, video):
-            return iter(decoded)
-
-    fake_av = types.SimpleNamespace(open=lambda path: Container(),
-                                    error=types.SimpleNamespace(FFmpegError=RuntimeError))
-    monkeypatch.setitem(sys.modules, "decord", None)  # "not installed"
-    monkeypatch.setitem(sys.modules, "av", fake_av)
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(b"x")
-    frames, indices = data.sample_frames(str(video), 3)
-    assert indices == [0, 3, 6]
-    assert [f.getpixel((0, 0))[0] for f in frames] == [0, 30, 60]
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+def test_rotated_phone_clip_is_upright_from_both_readers(degrees, monkeypatch):
+    """A clip with a rotation tag: PyAV's frames equal decord's (which are upright), pixel for pixel."""
+    pytest.importorskip("av")
+    path = os.path.join(ROTATED, f"video_{degrees}.mov")
+    upright = data.sample_frames(path, 3)[0] if importlib.util.find_spec("decord") else None
+    monkeypatch.setitem(sys.modules, "decord", None)
+    frames, indices = data.sample_frames(path, 3)
+    assert indices == [0, 1, 2]
+    assert frames[0].size == ((320, 568) if degrees in (90, 270) else (568, 320))  # portrait when turned a quarter
+    if upright is not None:
+        assert [np.array_equal(np.array(a), np.array(b)) for a, b in zip(frames, upright)] == [True] * 3
 
 
 def test_no_decoder_installed_says_what_to_install(tmp_path, monkeypatch):
