@@ -709,8 +709,8 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
 
 
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
-                       template_index: int | None = None, check_media: bool = True) -> list[dict]:
-    """MultiInstruct .jsonl instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each
+                       template_index: int | None = None, check_media: bool = True, records=None) -> list[dict]:
+    """MultiInstruct instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each
     written with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs),
     formatted with its fields; regions joined by "||||", options after "\\n\\n[Options]: " (as MultiInstruct does)."""
     if isinstance(templates, str):
@@ -741,7 +741,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         visual = {"frames": [media_path(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
         return [conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)])]
 
-    return convert_records(path, read_json(path), convert, "unique_id")
+    return convert_records(path, read_json(path) if records is None else records, convert, "unique_id")
 
 
 def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
@@ -780,15 +780,11 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
 
 def load_conversations(path: str, media_root: str | None = None, images: str | None = None, templates=None,
                        draw_marks: bool = False, max_frames: int = 32, seed: int = 0) -> list[dict]:
-    """Any supported data file -> samples, the format read from the file's shape (FORMATS.md): a .jsonl is
-    MultiInstruct (needs `templates`); with `images`, MIMIC-IT; a folder or a dict with `Instances`, Natural
-    Instructions; records with `conversations`, LLaVA; else the INST-IT Dataset. train.py's `--data` uses this."""
+    """Any supported data file -> samples, the format read from its records, whatever the extension (FORMATS.md):
+    `task_name`, MultiInstruct (needs `templates`); with `images`, MIMIC-IT; a folder or a dict with `Instances`,
+    Natural Instructions; `conversations`, LLaVA; else the INST-IT Dataset. train.py's `--data` uses this."""
     if os.path.isdir(path):
         return load_natural_instructions(path)
-    if path.endswith(".jsonl"):
-        if templates is None:
-            raise ValueError(f"{path}: a MultiInstruct .jsonl needs its instruction templates (templates=...)")
-        return load_multiinstruct(path, templates, media_root, seed)
     if images is not None:
         return load_mimicit(path, images)
     records = read_json(path)
@@ -800,7 +796,14 @@ def load_conversations(path: str, media_root: str | None = None, images: str | N
             raise ValueError(f"{path}: MIMIC-IT instructions need their images file (images=..., or "
                              f"<name>.json beside <name>_instructions.json)")
         return load_mimicit(path, images)
-    first = records[0] if isinstance(records, list) and records and isinstance(records[0], dict) else {}
+    first = next((r for r in records if isinstance(r, dict)), {}) if isinstance(records, list) else {}
+    if "task_name" in first:
+        if templates is None:
+            raise ValueError(f"{path}: a MultiInstruct file (task_name) needs its instruction templates (--templates)")
+        return load_multiinstruct(path, templates, media_root, seed, records=records)
+    if "question_id" in first and "text" in first:  # LLaVA's question_id/image/text: what model_vqa asks
+        raise ValueError(f"{path}: a LLaVA question file (question_id, image, text; no answers) is for evaluation, "
+                         "not training: train on conversations with answers (LLaVA's `conversations` JSON)")
     if "conversations" in first:
         return load_llava(path, media_root, records=records)
     if "frame_level_caption" in first or "image_path" in first:

@@ -324,7 +324,7 @@ def test_instit_masked_video_marks_every_frame_with_the_same_colour(instit, capl
         assert all((frame == som.id_colour(i)).all(-1).sum() >= 6 for i in (1, 2))
 
 
-@pytest.mark.parametrize("name", ["captions.json"])
+@pytest.mark.parametrize("name", ["captions.json", "train.jsonl"])
 def test_non_utf8_file_names_the_file_and_byte(tmp_path, name):
     """A file saved as Latin-1 (Windows' default): the error names it and the first bad byte, and says the fix."""
     record = {"id": "1", "conversations": [{"from": "human", "value": "Où?"}, {"from": "gpt", "value": "Ici."}]}
@@ -333,3 +333,17 @@ def test_non_utf8_file_names_the_file_and_byte(tmp_path, name):
     offset = text.encode("latin-1").index("ù".encode("latin-1"))
     with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text \(byte offset {offset}: .*save it with the UTF-8"):
         data.main(["show", str(tmp_path / name)])
+
+
+def test_format_is_read_from_the_records_not_the_extension(tmp_path):
+    """MultiInstruct in a .json, LLaVA in a .jsonl; LLaVA's question file (no answers) is refused, saying what it is."""
+    png(tmp_path / "img/1.jpg")
+    mi = [{"unique_id": "m", "task_name": "image_caption", "image_path": "img/1.jpg", "target_txt": "t"}]
+    assert data.load_conversations(write(tmp_path / "m.json", mi), templates=TEMPLATES)[0]["id"] == "m"
+    llava = [{"id": "1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    assert data.load_conversations(write(tmp_path / "llava.jsonl", llava))[0]["messages"][1]["content"] == "Yo"
+    questions = [{"question_id": 0, "image": "img/1.jpg", "text": "What is in the image?", "category": "detail"}]
+    for templates in (None, TEMPLATES):  # train.py passes its --templates with every source
+        with pytest.raises(ValueError, match=r"questions.jsonl: a LLaVA question file \(question_id, image, text; no "
+                                             r"answers\) is for evaluation, not training"):
+            data.load_conversations(write(tmp_path / "questions.jsonl", questions), templates=templates)
