@@ -708,11 +708,35 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
     return convert_records(instructions, {k: (k, v) for k, v in queries.items()}, convert)
 
 
+class JoinedList(list):
+    """A MultiInstruct list field: `{region}` is its items joined by "||||" (the authors' token), `{region[0]}` one."""
+
+    def __format__(self, spec):
+        return format("||||".join(map(str, self)), spec)
+
+
+def template_fields(value):
+    """A record's value for str.format: every list in it, `meta_data`'s too, a JoinedList."""
+    if isinstance(value, dict):
+        return {key: template_fields(v) for key, v in value.items()}
+    return JoinedList(map(template_fields, value)) if isinstance(value, list) else value
+
+
+def find_media(root: str, path: str, check: bool, field: str) -> str:
+    """root/path, or root + the longest tail of `path` found under root: MultiInstruct's released image paths are
+    relative (`./raw_datasets/...`) or absolute paths on the authors' machine (`/projects/.../medic/data/...`)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for file in [os.path.join(root, path)] + [os.path.join(root, *parts[k:]) for k in range(len(parts))]:
+        if not check or os.path.exists(file):
+            return file
+    raise RecordError(field, f"{path}: neither it nor any tail of it is under {root} (check --media-root)")
+
+
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
                        template_index: int | None = None, check_media: bool = True, records=None) -> list[dict]:
-    """MultiInstruct instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each
-    written with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs),
-    formatted with its fields; regions joined by "||||", options after "\\n\\n[Options]: " (as MultiInstruct does)."""
+    """MultiInstruct instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each written
+    with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs) and
+    formatted with the record's fields (see JoinedList); options follow "\\n\\n[Options]: " unless it has `{options}`."""
     if isinstance(templates, str):
         templates = read_json(templates)
     root = media_root if media_root is not None else os.path.dirname(path)
@@ -724,21 +748,21 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         if not choices:
             raise RecordError("task_name", f"no instruction templates for task {task!r}")
         k = template_index if template_index is not None else rng.randrange(len(choices))
-        region = rec.get("region") or []
-        fields = {key: rec[key] for key in rec if isinstance(rec[key], str)}
-        fields["region"] = region if isinstance(region, str) else "||||".join(map(str, region))
+        region = rec.get("region")  # one region written as a string is still `{region[0]}`
+        fields = template_fields(dict(rec, region=[region]) if isinstance(region, str) else rec)
         try:
             instruction = choices[k].format(**fields)
         except KeyError as e:
             raise RecordError(e.args[0], f"template {k} of {task} needs it") from None
-        except (IndexError, ValueError) as e:
-            raise RecordError("task_name", f"template {k} of {task} is not a valid format string ({e})") from None
-        if rec.get("options"):
+        except (IndexError, ValueError) as e:  # IndexError: `{region[1]}` on a record with one region
+            raise RecordError("task_name", f"template {k} of {task} indexes past a field's end or is not a valid "
+                              f"format string ({e})") from None
+        if rec.get("options") and "{options" not in choices[k]:
             instruction += "\n\n[Options]: " + "||||".join(map(str, required(rec, "options", list)))
         target = rec.get("target_txt", rec.get("target"))
         if not isinstance(target, str):
             raise RecordError("target_txt", "missing")
-        visual = {"frames": [media_path(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
+        visual = {"frames": [find_media(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
         return [conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)])]
 
     return convert_records(path, read_json(path) if records is None else records, convert, "unique_id")

@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import logging
+import os
 from collections import Counter
 
 import numpy as np
@@ -347,3 +348,102 @@ def test_format_is_read_from_the_records_not_the_extension(tmp_path):
         with pytest.raises(ValueError, match=r"questions.jsonl: a LLaVA question file \(question_id, image, text; no "
                                              r"answers\) is for evaluation, not training"):
             data.load_conversations(write(tmp_path / "questions.jsonl", questions), templates=templates)
+
+
+# Records exactly as MultiInstruct releases them (VT-NLP/MultiInstruct, train.jsonl and test.jsonl, Apache-2.0), with
+# the `prompt` the authors rendered, and the template they drew turned into ours by the rules in the README.
+RELEASED = [
+    ({"unique_id": "visualgenome_object_relationship_2374286_4310275", "image_source": "visualgenome",
+      "task_name": "object_relationship", "image_path": "./raw_datasets/visual_genome/VG_100K/2374286.jpg",
+      "region": ["6 386 332 498", "13 393 329 490"], "target_txt": "of",
+      "meta_data": {"subject": "back", "object": "heads"},
+      "prompt": "Tell me the relationship between the subject in 6 386 332 498 and the object in 13 393 329 490.",
+      "target": "of"},
+     "Tell me the relationship between the subject in {region[0]} and the object in {region[1]}."),
+    ({"unique_id": "visualgenome_object_relationship_2372067_4156495", "image_source": "visualgenome",
+      "task_name": "visual_object_region", "image_path": "./raw_datasets/visual_genome/VG_100K/2372067.jpg",
+      "region": ["0 349 498 481"],
+      "meta_data": {"subject": "shadow", "object": "ground", "relation": "on",
+                    "object_regions": {"subject": ["2 444 462 474"], "object": ["0 349 498 481"]}},
+      "target_txt": "0 349 498 481",
+      "prompt": "Which object has the relationship \"on\" with the subject in 2 444 462 474? "
+                "Answer the question by generating the region of the object.",
+      "target": "0 349 498 481"},
+     "Which object has the relationship \"{meta_data[relation]}\" with the subject in "
+     "{meta_data[object_regions][subject]}? Answer the question by generating the region of the object."),
+    ({"unique_id": "visualgenome_object_relationship_2388063_4770642", "image_source": "visualgenome",
+      "task_name": "visual_object_identification", "image_path": "./raw_datasets/visual_genome/VG_100K_2/2388063.jpg",
+      "region": ["268 303 288 326", "205 242 301 331"], "target_txt": "luggage",
+      "meta_data": {"subject": "wheel", "object": "luggage", "relation": "on"},
+      "prompt": "In this task, you are asked to identify the object given tne region of the subject in the image and "
+                "their relationship. The subject is in 268 303 288 326 and relationship is on. The object is",
+      "target": "luggage"},
+     "In this task, you are asked to identify the object given tne region of the subject in the image and their "
+     "relationship. The subject is in {region[0]} and relationship is {meta_data[relation]}. The object is"),
+    ({"unique_id": "hateful_memes_test_unseen_15740", "image_source": "hateful_memes",
+      "task_name": "visual_text_extraction",
+      "image_path": "./raw_datasets/hateful_memes/img/15740.png", "target_txt": "when someone tells you how to bbq",
+      "meta_data": {"label": "Yes"}, "prompt": "What is the text written on the image?",
+      "target": "when someone tells you how to bbq"},
+     "What is the text written on the image?"),
+    ({"unique_id": "medic_test_0_disaster_types", "image_source": "medic", "task_name": "medic_disaster_types",
+      "image_path": "/projects/nlp_lab/yings/mata_data/medic/data/ASONAM17_Damage_Image_Dataset/ecuador_eq/"
+                    "ecuador_eq_mild_im_121.jpg", "target_txt": "earthquake",
+      "options": ["little or none damage", "not informative", "hurricane", "informative", "fire", "severe damage",
+                  "not disaster", "mild damage", "landslide", "other disaster", "flood", "earthquake"],
+      "meta_data": {"task_cat": "disaster_types", "options": ["earthquake", "fire", "flood", "hurricane", "landslide",
+                                                              "not disaster", "other disaster"]},
+      "prompt": "What kind of disaster happens in the image? If no disaster happens in the image, select not disaster."
+                "\n\n[Options]: little or none damage||||not informative||||hurricane||||informative||||fire||||severe "
+                "damage||||not disaster||||mild damage||||landslide||||other disaster||||flood||||earthquake",
+      "target": "earthquake"},
+     "What kind of disaster happens in the image? If no disaster happens in the image, select not disaster."
+     "\n\n[Options]: {options}"),
+    ({"unique_id": "medic_test_0_damage_severity", "image_source": "medic", "task_name": "medic_damage_severity",
+      "image_path": "/projects/nlp_lab/yings/mata_data/medic/data/ASONAM17_Damage_Image_Dataset/ecuador_eq/"
+                    "ecuador_eq_mild_im_121.jpg", "target_txt": "mild damage",
+      "options": ["informative", "landslide", "severe damage", "fire", "hurricane", "not informative", "mild damage",
+                  "earthquake", "other disaster", "little or none damage", "not disaster", "flood"],
+      "meta_data": {"task_cat": "damage_severity",
+                    "options": ["severe damage", "mild damage", "little or none damage"]},
+      "prompt": "What is the damage level in the image?", "target": "mild damage"},
+     "What is the damage level in the image?{options:.0}"),  # this template hides the options: zero width
+]
+
+
+def test_multiinstruct_released_records_render_the_authors_prompt(tmp_path, caplog):
+    """Ours equals the authors' prompt; list fields are indexed (`{region[0]}`, not its first character); image paths,
+    relative or absolute on the authors' machine, resolve to their longest tail under --media-root."""
+    root = tmp_path / "multiinstruct"
+    images = {"./raw_datasets/visual_genome/VG_100K/2374286.jpg": "raw_datasets/visual_genome/VG_100K/2374286.jpg",
+              "./raw_datasets/visual_genome/VG_100K/2372067.jpg": "visual_genome/VG_100K/2372067.jpg",
+              "./raw_datasets/visual_genome/VG_100K_2/2388063.jpg": "visual_genome/VG_100K_2/2388063.jpg",
+              "./raw_datasets/hateful_memes/img/15740.png": "hateful_memes/img/15740.png",
+              RELEASED[4][0]["image_path"]: "medic/data/ASONAM17_Damage_Image_Dataset/ecuador_eq/"
+                                            "ecuador_eq_mild_im_121.jpg"}
+    for where in images.values():
+        png(root / where)
+    records = [record for record, _ in RELEASED]
+    templates = {record["task_name"]: [template] for record, template in RELEASED}
+    samples = data.load_multiinstruct(write(tmp_path / "train.jsonl", records), templates, str(root), template_index=0)
+    assert [s["messages"][0]["content"] for s in samples] == ["<image>\n" + r["prompt"] for r in records]
+    assert [s["messages"][1]["content"] for s in samples] == [r["target"] for r in records]
+    for sample, record in zip(samples, records):
+        assert os.path.samefile(sample["visuals"][0]["frames"][0], root / images[record["image_path"]])
+    one_region = dict(RELEASED[0][0], region="6 386 332 498")  # one region as a string: still an item, not a letter
+    (sample,) = data.load_multiinstruct(write(tmp_path / "one.jsonl", [one_region]),
+                                        {"object_relationship": ["Subject in {region[0]}; all: {region}."]}, str(root))
+    assert sample["messages"][0]["content"] == "<image>\nSubject in 6 386 332 498; all: 6 386 332 498."
+    positional = {"unique_id": "p", "task_name": "VQA_positional_reasoning", "question": "What is left of the cup?",
+                  "options": ["cake", "patio"], "target_txt": "cake",
+                  "image_path": "./raw_datasets/hateful_memes/img/15740.png"}
+    mid = "Question: {question}\n\n[Options]:\n\n Please answer by the positions of objects. {options}."
+    missing = dict(positional, unique_id="gone", image_path="/projects/nlp_lab/elsewhere/nowhere.jpg")
+    with caplog.at_level(logging.WARNING):
+        samples = data.load_multiinstruct(write(tmp_path / "p.jsonl", [positional, missing]),
+                                          {"VQA_positional_reasoning": [mid]}, str(root))
+    assert [s["messages"][0]["content"] for s in samples] == [  # placed by the template, not appended again
+        "<image>\nQuestion: What is left of the cup?\n\n[Options]:\n\n Please answer by the positions of objects. "
+        "cake||||patio."]
+    assert (f"p.jsonl: record #1 (unique_id gone): image_path: /projects/nlp_lab/elsewhere/nowhere.jpg: neither it nor "
+            f"any tail of it is under {root}") in caplog.text
