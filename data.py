@@ -736,7 +736,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
                        template_index: int | None = None, check_media: bool = True, records=None) -> list[dict]:
     """MultiInstruct instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each written
     with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs) and
-    formatted with the record's fields (see JoinedList); options follow "\\n\\n[Options]: " unless it has `{options}`."""
+    formatted with the record's fields (see JoinedList); options follow "\\n\\n[Options]: " unless it has {options}."""
     if isinstance(templates, str):
         templates = read_json(templates)
     root = media_root if media_root is not None else os.path.dirname(path)
