@@ -95,9 +95,10 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
         if key is None:
             raise ValueError(f"instance {instance_id}: expected an RLE or a dict with mask/box/bbox/polygon, "
                              f"got keys {list(spec)}")
-        if key == "bbox":  # COCO: x, y, width, height
+        if key == "bbox":  # COCO [x, y, w, h] as pycocotools draws it: edges to 1/5 px, the pixels whose centre is in
             x, y, bw, bh = spec["bbox"]
-            return instance_mask([x, y, x + bw, y + bh], size, instance_id)
+            x0, x1, y0, y1 = (math.ceil(math.floor(5 * v + 0.5) / 5 - 0.5) for v in (x, x + bw, y, y + bh))
+            return instance_mask([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], size, instance_id)
         return instance_mask(spec[key], size, instance_id)
     elif isinstance(spec, np.ndarray):
         mask = spec.astype(bool)
