@@ -44,12 +44,14 @@ def frame_files(folder: str) -> list[str]:
 
 def natural_key(name: str) -> list:
     """Sort key putting "frame_2" before "frame_10"."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    return [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", name)]
 
 
 def instance_key(key) -> str:
     """Instance-caption / mask key -> canonical ID string: "01" -> "1", "1, 2" -> "1,2" (a caption of several)."""
-    return ",".join(str(int(p)) if p.isdigit() else p for p in re.split(r"\s*,\s*", str(key).strip()))
+    if any(c.isdigit() and not c.isdecimal() for c in str(key)):  # "⑦", "²": digits that int() cannot read
+        raise ValueError(f"instance {key}: not a number int() can read; write the ID in digits 0-9")
+    return ",".join(str(int(p)) if p.isdecimal() else p for p in re.split(r"\s*,\s*", str(key).strip()))
 
 
 def named_ids(text: str) -> set[int]:
@@ -77,7 +79,7 @@ def decode_rle(rle: dict) -> np.ndarray:
                 x, k = 0, 0
     if sum(counts) != h * w or min(counts, default=0) < 0:
         raise ValueError(f"RLE counts sum to {sum(counts)}, but size {h}x{w} needs {h * w}: a corrupt or "
-                         "mislabelled RLE")
+                         "mislabelled RLE; encode the mask again (pycocotools.mask.encode)")
     return np.repeat(np.arange(len(counts)) % 2 == 1, counts).reshape(w, h).T
 
 
@@ -95,9 +97,10 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
         if key is None:
             raise ValueError(f"instance {instance_id}: expected an RLE or a dict with mask/box/bbox/polygon, "
                              f"got keys {list(spec)}")
-        if key == "bbox":  # COCO: x, y, width, height
+        if key == "bbox":  # COCO [x, y, w, h] as pycocotools draws it: edges to 1/5 px, the pixels whose centre is in
             x, y, bw, bh = spec["bbox"]
-            return instance_mask([x, y, x + bw, y + bh], size, instance_id)
+            x0, x1, y0, y1 = (math.ceil(math.floor(5 * v + 0.5) / 5 - 0.5) for v in (x, x + bw, y, y + bh))
+            return instance_mask([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], size, instance_id)
         return instance_mask(spec[key], size, instance_id)
     elif isinstance(spec, np.ndarray):
         mask = spec.astype(bool)
@@ -125,6 +128,20 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
         raise ValueError(f"instance {instance_id}: mask is {mask.shape[0]}x{mask.shape[1]} (h x w) but the image is "
                          f"{h}x{w}; the mask belongs to another image or frame (check the RLE's size)")
     return mask
+
+
+def coco_instances(coco, image_id: int, min_score: float = 0.5) -> dict:
+    """A COCO results list or instances file -> {ID: segmentation or {"bbox": ...}} of one image for render_som:
+    IDs 1..N in descending score (results scoring >= min_score) or in file order (instances)."""
+    records = coco if isinstance(coco, list) else coco["annotations"]
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and "image_id" in r and (r.get("segmentation") or "bbox" in r)):
+            raise ValueError(f"record {i}: not a COCO result (needs image_id, segmentation or bbox): {r!s:.40}")
+    chosen = sorted((r for r in records if r["image_id"] == image_id and r.get("score", 1) >= min_score),
+                    key=lambda r: -r.get("score", 1))  # sorted is stable: instances keep their file order
+    if not chosen:
+        raise ValueError(f"no record of image_id {image_id} scores {min_score}+: set --image-id or lower --min-score")
+    return {i + 1: r.get("segmentation") or {"bbox": r["bbox"]} for i, r in enumerate(chosen)}
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -201,7 +218,7 @@ def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]
 def id_colour(instance_id) -> tuple[int, int, int]:
     """A fixed, saturated RGB colour per instance ID (golden-ratio hue steps keep neighbouring IDs apart)."""
     key = str(instance_id).strip()
-    n = int(key) if key.isdigit() else zlib.crc32(key.encode())
+    n = int(key) if key.isdecimal() else zlib.crc32(key.encode())
     return tuple(round(c * 255) for c in colorsys.hsv_to_rgb((n * 0.618033988749895) % 1.0, 0.85, 0.95))
 
 
@@ -271,9 +288,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="som.py: draw Set-of-Marks (INST-IT 2.1) on an image or on every frame "
                                             "of a folder, one label place per ID across the frames")
     p.add_argument("source", help="an image file or a folder of frames")
-    p.add_argument("--masks", required=True, help="JSON: {ID: RLE | box | polygon} for an image, "
-                                                  "{frame file name: {ID: ...}} for a folder")
+    p.add_argument("--masks", required=True, help="JSON: {ID: RLE | box | polygon} for an image, {frame file name: "
+                                                  "{ID: ...}} for a folder, or COCO results or instances for an image")
     p.add_argument("--out", required=True, help="output folder for the marked frames")
+    p.add_argument("--image-id", type=int, help="COCO masks: the image's id (default: the last number in its name)")
+    p.add_argument("--min-score", type=float, default=0.5, help="COCO results: mark those scoring this or more")
     p.add_argument("--fill", type=float, default=MarkStyle.fill, help="opacity of the mask tint (0: contour only)")
     args = p.parse_args(argv)
     if not 0 <= args.fill <= 1:
@@ -283,8 +302,12 @@ def main(argv=None):
             masks = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{args.masks}: cannot read the masks ({e})")
+    coco = isinstance(masks, list) or "annotations" in masks  # COCO results or instances: they mark one image
+    image_id = args.image_id
+    if image_id is None:  # COCO names an image by its id: 000000397133.jpg is 397133
+        image_id = int((re.findall(r"[0-9]+", os.path.basename(args.source)) or [-1])[-1])
     jobs = [(args.source, masks)]
-    if os.path.isdir(args.source):
+    if os.path.isdir(args.source) and not coco:
         names = frame_files(args.source)
         if not names or not set(masks) & set(names):
             raise SystemExit(f"{args.source}: no frames ({'/'.join(IMAGE_EXTS)})" if not names else
@@ -295,7 +318,11 @@ def main(argv=None):
     places = {}
     for file, instances in jobs:
         out = os.path.join(args.out, os.path.basename(file))
-        render_som(file, instances, MarkStyle(fill=args.fill), label_places=places).save(out)
+        try:
+            instances = coco_instances(masks, image_id, args.min_score) if coco else instances
+            render_som(file, instances, MarkStyle(fill=args.fill), label_places=places).save(out)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{args.masks}: {os.path.basename(file)}: {e}")
         print(f"{out}: {len(instances)} marks")
 
 
