@@ -80,6 +80,7 @@ def schema_object(**properties):
 
 _STR = {"type": "string"}
 _PAIRS = schema_object(pairs={"type": "array", "items": schema_object(instruction=_STR, answer=_STR)})
+_COMPLETION = schema_object(choices={"type": "array", "items": schema_object(message=schema_object())})
 
 
 def check_schema(value, schema, where="answer"):
@@ -494,8 +495,10 @@ class LLMClient:
             raise LLMError(reason) from None
 
     def _accept(self, key, response):
-        """Record a chat.completion dict (live or from a batch) as the answer of `key`; -> its text."""
-        if not response.get("choices"):
+        """Record a chat.completion dict (live or from a batch) as the answer of `key`; -> its text. A body of
+        another shape raises ValueError, a failed request like any other (recorded; a re-run asks again)."""
+        check_schema(response, _COMPLETION, "response body")
+        if not response["choices"]:
             raise LLMError("response without choices")
         usage = response.get("usage") or {}
         with self._lock:
@@ -525,7 +528,7 @@ class LLMClient:
                 if response.get("status_code") != 200:
                     raise LLMError(json.dumps(line.get("error") or response.get("body"))[:300])
                 self._accept(line["custom_id"], response["body"])
-            except LLMError as e:
+            except (LLMError, ValueError) as e:  # ValueError: a body that is not a chat completion
                 self._record([line["custom_id"]], "failed", reason=f"batch: {e}")
                 failures += 1
         return len(lines) - failures, failures

@@ -6,6 +6,7 @@ its content (marks and timestamps it reads in the prompt), so a re-run gets iden
 JSON, an answer that is not JSON, an answer naming an ID that was never drawn, or a hang (to kill a run).
 """
 import base64
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import pytest
 from PIL import Image
 
 import annotate
+import conftest
 import data
 import demo
 
@@ -438,3 +440,55 @@ def test_video_file_frames_are_named_by_index(tmp_path, server, capsys):
     [video] = json.loads((tmp_path / "o.json").read_text())
     assert [f["frame_name"] for f in video["frame_level_caption"]] == ["00000.jpg", "00002.jpg", "00005.jpg"]
     assert (tmp_path / "o_som" / "videos" / "clip" / "00005.jpg").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input and faults (issue 32: 9-14; issue 31: 4). Each names the file and the fix, or keeps the work.
+
+class MalformedBodyHandler(conftest._Handler):
+    """conftest's server, where a script entry {"body": ...} answers 200 with that JSON body (no chat completion)."""
+
+    def do_POST(self):
+        with self.server.lock:
+            entry = self.server.script[0] if self.server.script else None
+            if isinstance(entry, dict):
+                self.server.script.pop(0)
+        if not isinstance(entry, dict):
+            return super().do_POST()
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        with self.server.lock:
+            self.server.log.append((hashlib.sha256(raw).hexdigest(), "malformed"))
+        self._send(200, entry["body"])
+
+
+MALFORMED = [[], {"choices": ["s"]}, {"choices": [{"message": None}]}]
+
+
+@pytest.mark.parametrize("body", MALFORMED, ids=["list", "choice-string", "message-null"])
+def test_malformed_server_body_fails_one_record_and_keeps_the_cache(media, server, body, capsys):
+    server.RequestHandlerClass = MalformedBodyHandler
+    records = json.loads((media / "in.json").read_text())
+    (media / "in.json").write_text(json.dumps(records[2:] + records[:1]))  # the image (1 request), then video 1
+    server.script = ["ok", {"body": body}]  # the image's answer, then a bad body for video 1's first frame
+    assert annotate.main(cli(media, server, "out/out.json", "--workers", "1", "--max-retries", "0")) == 1
+    err = capsys.readouterr().err
+    assert "FAILED video_id=1: frame 00000.jpg: ValueError: response body" in err and "re-run" in err
+    assert [r["image_id"] for r in json.loads((media / "out" / "out.json").read_text())] == [9]
+    entries = [json.loads(line) for line in (media / "out" / "out.cache.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in entries[:2]] == ["ok", "failed"]
+    n = len(server.log)
+    assert annotate.main(cli(media, server, "out/out.json")) == 0  # the answers received survive: not asked again
+    assert "sent=3 cached=3" in capsys.readouterr().out  # the image, frames 2 and 3 cached; frame 1, Eq. 2, 3 sent
+    assert len(server.log) == n + 3 and len(json.loads((media / "out" / "out.json").read_text())) == 2
+
+
+def test_malformed_batch_result_bodies_are_recorded_as_failures(media, server, capsys):
+    assert annotate.main(cli(media, server)) == 0  # every answer cached
+    n, cache = len(server.log), media / "out" / "out.cache.jsonl"
+    lines = [{"custom_id": f"k{i}", "response": {"status_code": 200, "body": body}} for i, body in enumerate(MALFORMED)]
+    (media / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert annotate.main(cli(media, server, "out/out.json", "--batch-results", str(media / "results.jsonl"))) == 0
+    assert "batch results read: 0 answers, 3 failures" in capsys.readouterr().out
+    assert len(server.log) == n  # the answers cached before the import still answer every request
+    entries = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [e["status"] for e in entries[-3:]] == ["failed"] * 3 and "response body" in entries[-1]["reason"]
