@@ -492,3 +492,131 @@ def test_malformed_batch_result_bodies_are_recorded_as_failures(media, server, c
     assert len(server.log) == n  # the answers cached before the import still answer every request
     entries = [json.loads(line) for line in cache.read_text().splitlines()]
     assert [e["status"] for e in entries[-3:]] == ["failed"] * 3 and "response body" in entries[-1]["reason"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A tiny annotate.py OUT.json: one image record and one 2-frame video record, SoM frames beside it."""
+    for path in ("som/images/1.jpg", "som/videos/7/00000.jpg", "som/videos/7/00005.jpg"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), "grey").save(tmp_path / path)
+    records = [{"image_id": 1, "image_path": "som/images/1.jpg", "instance_level_caption": {"1": "a cup"},
+                "image_level_caption": "[1] on a table."},
+               {"video_id": 7, "video_path": "som/videos/7", "video_level_caption": "At <1> [2] walks.",
+                "frame_level_caption": [{"timestamp": t, "frame_name": f"{5 * (t - 1):05d}.jpg",
+                                         "instance_level": {"2": "a man"}, "image_level": "[2] walks."}
+                                        for t in (1, 2)]}]
+    (tmp_path / "out.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def syphus_cli(folder, server, out="pairs.json", *extra):
+    return ["syphus", "--input", str(folder / "out.json"), "--out", str(folder / out), "--base-url", server.url,
+            "--model", "m", "--workers", "1", *extra]
+
+
+def test_syphus_makes_the_output_folder_before_writing(dataset, server):
+    assert annotate.main(syphus_cli(dataset, server, "new/dir/pairs.json")) == 0
+    assert len(json.loads((dataset / "new" / "dir" / "pairs.json").read_text())["data"]) == 1 + 1
+    assert (dataset / "new" / "dir" / "pairs.cache.jsonl").read_text().count('"ok"') == 2  # the paid answers kept
+
+
+@pytest.mark.parametrize("fault", ["no_frame_level_caption", "som_frame_missing", "answer_not_text",
+                                   "pairs_not_a_list"])
+def test_syphus_checks_records_frames_and_task_before_any_request(dataset, server, fault):
+    records = json.loads((dataset / "out.json").read_text())
+    task = {"system_message": "Make pairs.", "in_context": [{"context": "[1]: a cat", "pairs": [
+        {"instruction": "What is [1]?", "answer": "A cat."}]}]}
+    expected = {"no_frame_level_caption": r"out.json: video_id=7 has no 'frame_level_caption'",
+                "som_frame_missing": r"som/videos/7/00005.jpg: SoM frame of video_id=7 not found; --media-root",
+                "answer_not_text": r"task.json: in_context\[0\].pairs\[0\].answer should be string, got 3",
+                "pairs_not_a_list": r"task.json: in_context\[0\].pairs should be array"}[fault]
+    if fault == "no_frame_level_caption":
+        del records[1]["frame_level_caption"]
+    if fault == "som_frame_missing":
+        os.remove(dataset / "som" / "videos" / "7" / "00005.jpg")
+    if fault == "answer_not_text":
+        task["in_context"][0]["pairs"][0]["answer"] = 3
+    if fault == "pairs_not_a_list":
+        task["in_context"][0]["pairs"] = "What is [1]? A cat."
+    (dataset / "out.json").write_text(json.dumps(records))
+    (dataset / "task.json").write_text(json.dumps(task))
+    with pytest.raises(ValueError, match=expected):
+        annotate.main(syphus_cli(dataset, server, "pairs.json", "--prompts", str(dataset / "task.json")))
+    assert not server.log and not (dataset / "pairs.cache.jsonl").exists()  # nothing paid for
+
+
+def test_non_utf8_input_names_the_file(media, server):
+    """Passes once data.read_json names the file on non-UTF-8 input (data.py, another branch)."""
+    (media / "in.json").write_bytes('[{"image_id": 9, "image_path": "caf\u00e9.jpg"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match="in.json"):
+        annotate.main(cli(media, server))
+    assert not server.log
+
+
+def test_input_record_that_is_not_an_object_names_the_file_and_record(media, server):
+    records = json.loads((media / "in.json").read_text())
+    (media / "in.json").write_text(json.dumps([records[2], 5]))
+    with pytest.raises(ValueError, match=r"in.json: records\[1\] should be object, got 5"):
+        annotate.main(cli(media, server))
+    assert not server.log
+
+
+def test_review_help_and_a_record_without_frames(dataset, capsys):
+    with pytest.raises(SystemExit) as stop:
+        annotate.main(["review", "--help"])
+    assert stop.value.code == 0 and "OUT.json" in capsys.readouterr().out  # help, not a file named --help
+    records = json.loads((dataset / "out.json").read_text())
+    del records[1]["frame_level_caption"]
+    (dataset / "out.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"out.json: video_id=7 has no 'frame_level_caption'"):
+        annotate.main(["review", str(dataset / "out.json")])
+    assert not (dataset / "out.html").exists()
+
+
+# The assistant turns of Otter's published Syphus prompts (mimic-it/syphus/prompts/*.json), in their shapes,
+# with our own text; Otter sends a list of dicts as "key: text" lines (abstract_dataset.py).
+OTTER_TURNS = {
+    "Question/Answer": [{"Question": "What does [1] hold?", "Answer": "A cup."},
+                        {"Question": "Where is [1]?", "Answer": "At a table."}],
+    "question/answer": [{"question": "Is [1] moving?", "answer": "No, it stands still."}],
+    "Options 1..5": [{"Question": "Why is it odd?", **{f"Options {i}": f"reason {i}" for i in range(1, 6)},
+                      "Answer": "2"}],
+    "CH2Eng Translation": [{"CH2Eng Translation": "A grey cup.",
+                            **{f"Expansion_with_Eng_{i}": f"A grey mug, take {i}." for i in range(1, 6)}}],
+    "free text": "Question: What colour is [1]?\nAnswer: Grey.",
+}
+
+
+@pytest.mark.parametrize("shape", list(OTTER_TURNS) + ["ours"])
+def test_syphus_reads_otter_prompt_files(dataset, server, shape, capsys):
+    if shape == "ours":
+        task = annotate.PROMPTS["syphus"]
+        sent = [{"role": "user", "content": task["in_context"][0]["context"]},
+                {"role": "assistant", "content": json.dumps({"pairs": task["in_context"][0]["pairs"]})}]
+    else:
+        turns = OTTER_TURNS[shape]
+        task = {"system_message": "You design questions.",
+                "in_context": [{"role": "user", "content": "1. A person sets a grey cup down."},
+                               {"role": "assistant", "content": turns}]}
+        text = turns if isinstance(turns, str) else "".join(f"{k}: {v}\n" for d in turns for k, v in d.items())
+        sent = [task["in_context"][0], {"role": "assistant", "content": text}]
+    (dataset / "task.json").write_text(json.dumps(task))
+    assert annotate.main(syphus_cli(dataset, server, "pairs.json", "--prompts", str(dataset / "task.json"))) == 0
+    assert ("in-context examples read in " + ("our form" if shape == "ours" else "Otter's form")
+            in capsys.readouterr().out)
+    for body in server.bodies:  # system message, the example turns as Otter sends them, then the record
+        assert body["messages"][0] == {"role": "system", "content": task["system_message"]}
+        assert body["messages"][1:3] == sent and body["messages"][3]["role"] == "user"
+    assert len(server.bodies) == 2 and len(json.loads((dataset / "pairs.json").read_text())["data"]) == 2
+    if shape == "Options 1..5":
+        assert "Options 5: reason 5\nAnswer: 2\n" in server.bodies[0]["messages"][2]["content"]
+
+
+def test_otter_prompt_with_a_bad_turn_is_refused(dataset, server):
+    task = {"system_message": "x", "in_context": [{"role": "user", "content": "a"},
+                                                  {"role": "assistant", "content": [["Question", "Answer"]]}]}
+    (dataset / "task.json").write_text(json.dumps(task))
+    with pytest.raises(ValueError, match=r"task.json: in_context\[1\] is incomplete: .*Otter's \{role"):
+        annotate.main(syphus_cli(dataset, server, "pairs.json", "--prompts", str(dataset / "task.json")))
+    assert not server.log
