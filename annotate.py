@@ -17,7 +17,6 @@ import argparse
 import base64
 import contextlib
 import hashlib
-import html
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from html import escape as esc
 from pathlib import Path
 from urllib.parse import quote
 
@@ -80,6 +80,8 @@ def schema_object(**properties):
 
 _STR = {"type": "string"}
 _PAIRS = schema_object(pairs={"type": "array", "items": schema_object(instruction=_STR, answer=_STR)})
+_OBJECTS = {"type": "array", "items": schema_object()}  # a list of JSON objects: records, in-context examples
+_COMPLETION = schema_object(choices={"type": "array", "items": schema_object(message=schema_object())})
 
 
 def check_schema(value, schema, where="answer"):
@@ -192,14 +194,31 @@ def generate_qa(client, frame_annotations, num_pairs=(10, 20)):
     return [{k: data.normalize_text(v) for k, v in qa.items()} for qa in pairs]
 
 
-def syphus(client, task, context, ids, timestamps=None):
-    """MIMIC-IT 3.2 (Syphus): system message + in-context examples + annotations -> [{"instruction", "answer"}].
-    `task` = {"system_message", "in_context": [{"context", "pairs"}]}, the shape of PROMPTS["syphus"]."""
+def syphus_messages(task, where="task"):
+    """A Syphus task -> its chat messages: system message, in-context examples in our form (PROMPTS["syphus"]) or
+    Otter's (mimic-it/syphus/prompts/*.json: {"role", "content"} turns, an assistant's content text or [{key: text}],
+    sent as "key: text" lines as Otter's abstract_dataset.py does). ValueError names the bad example."""
+    check_schema(task, schema_object(system_message=_STR, in_context=_OBJECTS), where)
     messages = [{"role": "system", "content": task["system_message"]}]
-    for example in task["in_context"]:
-        messages += [{"role": "user", "content": example["context"]},
-                     {"role": "assistant", "content": json.dumps({"pairs": example["pairs"]})}]
-    messages.append({"role": "user", "content": context})
+    for n, ex in enumerate(task["in_context"]):
+        if "pairs" in ex and isinstance(ex.get("context"), str):
+            check_schema(ex["pairs"], _PAIRS["properties"]["pairs"], f"{where}: in_context[{n}].pairs")
+            messages += [{"role": "user", "content": ex["context"]},
+                         {"role": "assistant", "content": json.dumps({"pairs": ex["pairs"]})}]
+            continue
+        content = ex.get("content")
+        if ex.get("role") == "assistant" and isinstance(content, list) and all(isinstance(d, dict) for d in content):
+            content = "".join(f"{k}: {v}\n" for d in content for k, v in d.items())
+        if ex.get("role") not in ("user", "assistant") or not isinstance(content, str):
+            raise ValueError(f"{where}: in_context[{n}] is incomplete: write {{context, pairs: [{{instruction, "
+                             "answer}]} or Otter's {role: user | assistant, content: text (an assistant's: [{...}])}")
+        messages.append({"role": ex["role"], "content": content})
+    return messages
+
+
+def syphus(client, task, context, ids, timestamps=None):
+    """MIMIC-IT 3.2 (Syphus): a task (see syphus_messages) + annotations as text -> [{"instruction", "answer"}]."""
+    messages = syphus_messages(task) + [{"role": "user", "content": context}]
     answer = client.complete_json(messages, _PAIRS, lambda a: _check_pairs(a["pairs"], ids, timestamps),
                                   "syphus_pairs")
     return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
@@ -245,12 +264,26 @@ def record_frames(rec):
     return [frame], [(file_safe(rec["image_id"]), rec["image_path"])]
 
 
+def read_dataset(path, media_root=None):
+    """An INST-IT dataset JSON (OUT.json) -> records, checked for annotations and SoM frames (under media_root)."""
+    records = data.read_json(str(path))  # invalid JSON: an error naming the file
+    check_schema(records, _OBJECTS, f"{path}: records")
+    for rec in records:
+        try:
+            frames = record_frames(rec)[1]
+        except KeyError as e:
+            raise ValueError(f"{path}: {record_name(rec)} has no {e}: is it annotate.py's OUT.json?") from None
+        missing = [p for _, p in frames if media_root and not (Path(media_root) / p).is_file()]
+        if missing:
+            raise ValueError(f"{Path(media_root) / missing[0]}: SoM frame of {record_name(rec)} not found; "
+                             "--media-root is the folder the OUT.json's paths are relative to")
+    return records
+
+
 def read_input(path):
     """IN.json (records shaped like the INST-IT masked release, FORMATS.md) -> list, checked before any request."""
-    records = data.read_json(str(path))  # invalid JSON: an error naming the file
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of records")
-    seen = set()
+    records, seen = data.read_json(str(path)), set()  # invalid JSON: an error naming the file
+    check_schema(records, _OBJECTS, f"{path}: records")
     for n, rec in enumerate(records):
         kind = "video" if "video_path" in rec else "image"
         if f"{kind}_id" not in rec or f"{kind}_path" not in rec:
@@ -494,8 +527,9 @@ class LLMClient:
             raise LLMError(reason) from None
 
     def _accept(self, key, response):
-        """Record a chat.completion dict (live or from a batch) as the answer of `key`; -> its text."""
-        if not response.get("choices"):
+        """Record a chat.completion dict (live or batch) as the answer of `key` -> its text (ValueError: not one)."""
+        check_schema(response, _COMPLETION, "response body")
+        if not response["choices"]:
             raise LLMError("response without choices")
         usage = response.get("usage") or {}
         with self._lock:
@@ -525,7 +559,7 @@ class LLMClient:
                 if response.get("status_code") != 200:
                     raise LLMError(json.dumps(line.get("error") or response.get("body"))[:300])
                 self._accept(line["custom_id"], response["body"])
-            except LLMError as e:
+            except (LLMError, ValueError) as e:  # ValueError: a body that is not a chat completion
                 self._record([line["custom_id"]], "failed", reason=f"batch: {e}")
                 failures += 1
         return len(lines) - failures, failures
@@ -552,7 +586,8 @@ def add_client_args(p):
 
 
 def client_from_args(args, cache_path):
-    """The flags of add_client_args -> an LLMClient caching in cache_path, with --batch-results read in."""
+    """The flags of add_client_args -> an LLMClient caching in cache_path (folder made), --batch-results read in."""
+    cache_path.parent.mkdir(parents=True, exist_ok=True)  # before any request is paid for
     client = LLMClient(args.base_url, args.model, cache_path, json_mode=args.json_mode, max_retries=args.max_retries,
                        timeout=args.timeout, answer_retries=args.answer_retries, image_detail=args.detail,
                        max_image_side=args.max_image_side, price_per_mtok=tuple(args.price), batch_file=args.batch_file)
@@ -584,13 +619,13 @@ def syphus_main(argv):
     p.add_argument("--prompts", help="task JSON {system_message, in_context} (default: PROMPTS['syphus'])")
     p.add_argument("--languages", default="", help="comma-separated; each writes PAIRS_<language>.json")
     add_client_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # the task, records and SoM frames are checked before any request is paid
     task = data.read_json(args.prompts) if args.prompts else PROMPTS["syphus"]
-    bad = [n for n, ex in enumerate(task.get("in_context", [])) if not {"context", "pairs"} <= set(ex)]
-    if "system_message" not in task or "in_context" not in task or bad:
-        raise ValueError(f"{args.prompts}: needs system_message and in_context: [{{context, pairs}}]"
-                         + (f" (in_context[{bad[0]}] is incomplete)" if bad else ""))
-    records = data.read_json(args.input)
+    syphus_messages(task, args.prompts)  # ValueError: a malformed task, before it goes with every request
+    otter = any("role" in example for example in task["in_context"])
+    print(f"{args.prompts or 'PROMPTS[syphus]'}: in-context examples read in", "Otter's form" if otter else "our form")
+    root = Path(args.media_root or Path(args.input).parent)
+    records = read_dataset(args.input, root)
     out, languages = Path(args.out), [x for x in args.languages.split(",") if x]
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
 
@@ -605,7 +640,6 @@ def syphus_main(argv):
 
     results, failures = run_all(syphus_record, records, [record_name(r) for r in records], args.workers,
                                 client, "syphus")
-    root = Path(args.media_root or Path(args.input).parent)
     paths = [out] + [out.with_name(f"{out.stem}_{language}.json") for language in languages]
     files, images = {path: {} for path in paths}, {}
     for rec, result in zip(records, results):
@@ -625,15 +659,12 @@ def syphus_main(argv):
     return _report(out, len(records) - len(failures), failures, client)
 
 
-def review(out_json=None):
+def review(out_json):
     """`annotate.py review OUT.json` -> OUT.html, each SoM frame beside its annotations (INST-IT 2.1's human
     check); all annotation text is HTML-escaped."""
-    if out_json is None:
-        sys.exit("usage: python annotate.py review OUT.json")
-    esc = html.escape
     page = ["<!doctype html><meta charset='utf-8'><title>INST-IT annotations</title>"
             "<style>td{vertical-align:top;padding:6px}img{max-width:420px}</style>"]
-    for rec in data.read_json(out_json):
+    for rec in read_dataset(out_json):
         page.append(f"<h2>{esc(record_name(rec))}</h2><table>")
         for frame, (_, path) in zip(*record_frames(rec)):
             time_label = "" if frame["timestamp"] is None else esc(f"<{frame['timestamp']}>")
@@ -657,7 +688,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     data.log_to_stderr()
     if argv[:1] == ["review"]:
-        return review(*argv[1:2])
+        p = argparse.ArgumentParser(prog="annotate.py review", description=review.__doc__)
+        p.add_argument("out_json", help="OUT.json of annotate.py; the page is written beside it as OUT.html")
+        return review(p.parse_args(argv[1:]).out_json)
     if argv[:1] == ["syphus"]:
         return syphus_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -670,7 +703,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     records = read_input(args.input)
-    out.parent.mkdir(parents=True, exist_ok=True)
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
     som_dir = out.parent / f"{out.stem}_som"
     results, failures = run_all(lambda r: annotate_record(client, r, args.media_root, som_dir, args.num_frames),

@@ -6,6 +6,7 @@ its content (marks and timestamps it reads in the prompt), so a re-run gets iden
 JSON, an answer that is not JSON, an answer naming an ID that was never drawn, or a hang (to kill a run).
 """
 import base64
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import pytest
 from PIL import Image
 
 import annotate
+import conftest
 import data
 import demo
 
@@ -438,3 +440,183 @@ def test_video_file_frames_are_named_by_index(tmp_path, server, capsys):
     [video] = json.loads((tmp_path / "o.json").read_text())
     assert [f["frame_name"] for f in video["frame_level_caption"]] == ["00000.jpg", "00002.jpg", "00005.jpg"]
     assert (tmp_path / "o_som" / "videos" / "clip" / "00005.jpg").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input and faults (issue 32: 9-14; issue 31: 4). Each names the file and the fix, or keeps the work.
+
+class MalformedBodyHandler(conftest._Handler):
+    """conftest's server, where a script entry {"body": ...} answers 200 with that JSON body (no chat completion)."""
+
+    def do_POST(self):
+        with self.server.lock:
+            entry = self.server.script[0] if self.server.script else None
+            if isinstance(entry, dict):
+                self.server.script.pop(0)
+        if not isinstance(entry, dict):
+            return super().do_POST()
+        raw = self.rfile.read(int(self.headers["content-length"]))
+        with self.server.lock:
+            self.server.log.append((hashlib.sha256(raw).hexdigest(), "malformed"))
+        self._send(200, entry["body"])
+
+
+MALFORMED = [[], {"choices": ["s"]}, {"choices": [{"message": None}]}]
+
+
+@pytest.mark.parametrize("body", MALFORMED, ids=["list", "choice-string", "message-null"])
+def test_malformed_server_body_fails_one_record_and_keeps_the_cache(media, server, body, capsys):
+    server.RequestHandlerClass = MalformedBodyHandler
+    records = json.loads((media / "in.json").read_text())
+    (media / "in.json").write_text(json.dumps(records[2:] + records[:1]))  # the image (1 request), then video 1
+    server.script = ["ok", {"body": body}]  # the image's answer, then a bad body for video 1's first frame
+    assert annotate.main(cli(media, server, "out/out.json", "--workers", "1", "--max-retries", "0")) == 1
+    err = capsys.readouterr().err
+    assert "FAILED video_id=1: frame 00000.jpg: ValueError: response body" in err and "re-run" in err
+    assert [r["image_id"] for r in json.loads((media / "out" / "out.json").read_text())] == [9]
+    entries = [json.loads(line) for line in (media / "out" / "out.cache.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in entries[:2]] == ["ok", "failed"]
+    n = len(server.log)
+    assert annotate.main(cli(media, server, "out/out.json")) == 0  # the answers received survive: not asked again
+    assert "sent=3 cached=3" in capsys.readouterr().out  # the image, frames 2 and 3 cached; frame 1, Eq. 2, 3 sent
+    assert len(server.log) == n + 3 and len(json.loads((media / "out" / "out.json").read_text())) == 2
+
+
+def test_malformed_batch_result_bodies_are_recorded_as_failures(media, server, capsys):
+    assert annotate.main(cli(media, server)) == 0  # every answer cached
+    n, cache = len(server.log), media / "out" / "out.cache.jsonl"
+    lines = [{"custom_id": f"k{i}", "response": {"status_code": 200, "body": body}} for i, body in enumerate(MALFORMED)]
+    (media / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert annotate.main(cli(media, server, "out/out.json", "--batch-results", str(media / "results.jsonl"))) == 0
+    assert "batch results read: 0 answers, 3 failures" in capsys.readouterr().out
+    assert len(server.log) == n  # the answers cached before the import still answer every request
+    entries = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [e["status"] for e in entries[-3:]] == ["failed"] * 3 and "response body" in entries[-1]["reason"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A tiny annotate.py OUT.json: one image record and one 2-frame video record, SoM frames beside it."""
+    for path in ("som/images/1.jpg", "som/videos/7/00000.jpg", "som/videos/7/00005.jpg"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), "grey").save(tmp_path / path)
+    records = [{"image_id": 1, "image_path": "som/images/1.jpg", "instance_level_caption": {"1": "a cup"},
+                "image_level_caption": "[1] on a table."},
+               {"video_id": 7, "video_path": "som/videos/7", "video_level_caption": "At <1> [2] walks.",
+                "frame_level_caption": [{"timestamp": t, "frame_name": f"{5 * (t - 1):05d}.jpg",
+                                         "instance_level": {"2": "a man"}, "image_level": "[2] walks."}
+                                        for t in (1, 2)]}]
+    (tmp_path / "out.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def syphus_cli(folder, server, out="pairs.json", *extra):
+    return ["syphus", "--input", str(folder / "out.json"), "--out", str(folder / out), "--base-url", server.url,
+            "--model", "m", "--workers", "1", *extra]
+
+
+def test_syphus_makes_the_output_folder_before_writing(dataset, server):
+    assert annotate.main(syphus_cli(dataset, server, "new/dir/pairs.json")) == 0
+    assert len(json.loads((dataset / "new" / "dir" / "pairs.json").read_text())["data"]) == 1 + 1
+    assert (dataset / "new" / "dir" / "pairs.cache.jsonl").read_text().count('"ok"') == 2  # the paid answers kept
+
+
+@pytest.mark.parametrize("fault", ["no_frame_level_caption", "som_frame_missing", "answer_not_text",
+                                   "pairs_not_a_list"])
+def test_syphus_checks_records_frames_and_task_before_any_request(dataset, server, fault):
+    records = json.loads((dataset / "out.json").read_text())
+    task = {"system_message": "Make pairs.", "in_context": [{"context": "[1]: a cat", "pairs": [
+        {"instruction": "What is [1]?", "answer": "A cat."}]}]}
+    expected = {"no_frame_level_caption": r"out.json: video_id=7 has no 'frame_level_caption'",
+                "som_frame_missing": r"som/videos/7/00005.jpg: SoM frame of video_id=7 not found; --media-root",
+                "answer_not_text": r"task.json: in_context\[0\].pairs\[0\].answer should be string, got 3",
+                "pairs_not_a_list": r"task.json: in_context\[0\].pairs should be array"}[fault]
+    if fault == "no_frame_level_caption":
+        del records[1]["frame_level_caption"]
+    if fault == "som_frame_missing":
+        os.remove(dataset / "som" / "videos" / "7" / "00005.jpg")
+    if fault == "answer_not_text":
+        task["in_context"][0]["pairs"][0]["answer"] = 3
+    if fault == "pairs_not_a_list":
+        task["in_context"][0]["pairs"] = "What is [1]? A cat."
+    (dataset / "out.json").write_text(json.dumps(records))
+    (dataset / "task.json").write_text(json.dumps(task))
+    with pytest.raises(ValueError, match=expected):
+        annotate.main(syphus_cli(dataset, server, "pairs.json", "--prompts", str(dataset / "task.json")))
+    assert not server.log and not (dataset / "pairs.cache.jsonl").exists()  # nothing paid for
+
+
+def test_non_utf8_input_names_the_file(media, server):
+    """Passes once data.read_json names the file on non-UTF-8 input (data.py, another branch)."""
+    (media / "in.json").write_bytes('[{"image_id": 9, "image_path": "caf\u00e9.jpg"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match="in.json"):
+        annotate.main(cli(media, server))
+    assert not server.log
+
+
+def test_input_record_that_is_not_an_object_names_the_file_and_record(media, server):
+    records = json.loads((media / "in.json").read_text())
+    (media / "in.json").write_text(json.dumps([records[2], 5]))
+    with pytest.raises(ValueError, match=r"in.json: records\[1\] should be object, got 5"):
+        annotate.main(cli(media, server))
+    assert not server.log
+
+
+def test_review_help_and_a_record_without_frames(dataset, capsys):
+    with pytest.raises(SystemExit) as stop:
+        annotate.main(["review", "--help"])
+    assert stop.value.code == 0 and "OUT.json" in capsys.readouterr().out  # help, not a file named --help
+    records = json.loads((dataset / "out.json").read_text())
+    del records[1]["frame_level_caption"]
+    (dataset / "out.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"out.json: video_id=7 has no 'frame_level_caption'"):
+        annotate.main(["review", str(dataset / "out.json")])
+    assert not (dataset / "out.html").exists()
+
+
+# The assistant turns of Otter's published Syphus prompts (mimic-it/syphus/prompts/*.json), in their shapes,
+# with our own text; Otter sends a list of dicts as "key: text" lines (abstract_dataset.py).
+OTTER_TURNS = {
+    "Question/Answer": [{"Question": "What does [1] hold?", "Answer": "A cup."},
+                        {"Question": "Where is [1]?", "Answer": "At a table."}],
+    "question/answer": [{"question": "Is [1] moving?", "answer": "No, it stands still."}],
+    "Options 1..5": [{"Question": "Why is it odd?", **{f"Options {i}": f"reason {i}" for i in range(1, 6)},
+                      "Answer": "2"}],
+    "CH2Eng Translation": [{"CH2Eng Translation": "A grey cup.",
+                            **{f"Expansion_with_Eng_{i}": f"A grey mug, take {i}." for i in range(1, 6)}}],
+    "free text": "Question: What colour is [1]?\nAnswer: Grey.",
+}
+
+
+@pytest.mark.parametrize("shape", list(OTTER_TURNS) + ["ours"])
+def test_syphus_reads_otter_prompt_files(dataset, server, shape, capsys):
+    if shape == "ours":
+        task = annotate.PROMPTS["syphus"]
+        sent = [{"role": "user", "content": task["in_context"][0]["context"]},
+                {"role": "assistant", "content": json.dumps({"pairs": task["in_context"][0]["pairs"]})}]
+    else:
+        turns = OTTER_TURNS[shape]
+        task = {"system_message": "You design questions.",
+                "in_context": [{"role": "user", "content": "1. A person sets a grey cup down."},
+                               {"role": "assistant", "content": turns}]}
+        text = turns if isinstance(turns, str) else "".join(f"{k}: {v}\n" for d in turns for k, v in d.items())
+        sent = [task["in_context"][0], {"role": "assistant", "content": text}]
+    (dataset / "task.json").write_text(json.dumps(task))
+    assert annotate.main(syphus_cli(dataset, server, "pairs.json", "--prompts", str(dataset / "task.json"))) == 0
+    assert ("in-context examples read in " + ("our form" if shape == "ours" else "Otter's form")
+            in capsys.readouterr().out)
+    for body in server.bodies:  # system message, the example turns as Otter sends them, then the record
+        assert body["messages"][0] == {"role": "system", "content": task["system_message"]}
+        assert body["messages"][1:3] == sent and body["messages"][3]["role"] == "user"
+    assert len(server.bodies) == 2 and len(json.loads((dataset / "pairs.json").read_text())["data"]) == 2
+    if shape == "Options 1..5":
+        assert "Options 5: reason 5\nAnswer: 2\n" in server.bodies[0]["messages"][2]["content"]
+
+
+def test_otter_prompt_with_a_bad_turn_is_refused(dataset, server):
+    task = {"system_message": "x", "in_context": [{"role": "user", "content": "a"},
+                                                  {"role": "assistant", "content": [["Question", "Answer"]]}]}
+    (dataset / "task.json").write_text(json.dumps(task))
+    with pytest.raises(ValueError, match=r"task.json: in_context\[1\] is incomplete: .*Otter's \{role"):
+        annotate.main(syphus_cli(dataset, server, "pairs.json", "--prompts", str(dataset / "task.json")))
+    assert not server.log
