@@ -635,6 +635,8 @@ def main(argv=None):
     p.add_argument("--annotator-model", default="gpt-4o",
                    help="its model (default: gpt-4o); the key comes from OPENAI_API_KEY")
     demo, rest = p.parse_known_args(argv)
+    if demo.scenes < 1:  # else the world is empty and train.py would blame its data file
+        raise SystemExit(f"--scenes must be >= 1, got {demo.scenes}: the demo trains on that many scenes")
     cfg, overrides = train.parse_args(rest, defaults={**DEMO, **DEMO_MODEL})
     data.log_to_stderr()
     return run_demo(demo, cfg, overrides)

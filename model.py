@@ -258,6 +258,14 @@ def checkpoint_tensors(path: str, prefix: str) -> dict:
     return out
 
 
+def missing_folder(path: str | None) -> str | None:
+    """"PATH: no such folder" if `path` looks local (. / ~ first, more parts than a hub ID's namespace/name, or a
+    first part that exists here) but is no folder: the hub would answer "Repo id must be in the form ..."."""
+    parts = Path(path or "").parts
+    if path and (path.startswith((".", "/", "~")) or len(parts) > 2 or Path(parts[0]).exists()):
+        return None if Path(path).is_dir() else f"{path}: no such folder"
+
+
 def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel":
     """Load vision encoder, projector and causal LM per `cfg`; freeze, quantize and wrap them per `cfg`."""
     from transformers import AutoConfig, AutoTokenizer
@@ -605,9 +613,13 @@ class LlavaStyleModel(nn.Module):
     def load_trained(self, file: str, strict: bool = True):
         """Load trained tensors. strict: their names must be exactly this model's trainable parameters;
         otherwise each must name a parameter of this model, and trainable ones it lacks keep their init."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(file, device=str(self.device))
+        try:
+            state = load_file(file, device=str(self.device))
+        except SafetensorError as e:  # a cut or overwritten file: its header no longer matches its size
+            raise ValueError(f"{file}: corrupt ({e}); save it again, or load an earlier checkpoint") from None
         params = dict(self.named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
         missing = expected - set(state)
@@ -624,6 +636,8 @@ class LlavaStyleModel(nn.Module):
         select strategy, AnyRes grids and its class's conventions for videos and multi-image samples."""
         from transformers import AutoConfig
 
+        if problem := missing_folder(path_or_id):  # from_pretrained sends a folder without model_config.json here
+            raise FileNotFoundError(problem)
         llava = AutoConfig.from_pretrained(path_or_id)
         if llava.model_type not in ADOPTED:
             raise ValueError(f"{path_or_id}: a {llava.model_type!r} checkpoint ({', '.join(llava.architectures or [])})"

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
-from model import LlavaStyleModel, ModelConfig, build_model
+from model import LlavaStyleModel, ModelConfig, build_model, missing_folder
 
 STAGES = {
     "align": dict(lm_training="frozen", trainable_vision_layers=0),   # projector only (LLaVA stage 1)
@@ -66,6 +67,7 @@ class TrainConfig:
     max_steps: int = 0                        # > 0 overrides epochs
     max_length: int = 6144                    # INST-IT's 6K context
     seed: int = 0                             # seeds the model's init, dropout and the data order
+    max_bad_fraction: float = 0.01            # stop when more of the samples read so far had unreadable media
     num_workers: int = 2                      # DataLoader processes reading and marking media
     log_every: int = 1                        # write metrics.jsonl every K steps
     save_every: int = 500                     # checkpoint every K steps (and when stopped by a signal)
@@ -127,6 +129,9 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
     if cfg.eval_bench and not os.path.exists(cfg.eval_bench):  # read at the end: a wrong path would lose the run
         raise SystemExit(f"--eval-bench {cfg.eval_bench}: no such file or folder")
     parse_sources(cfg.data)  # fail on a bad path or ratio before any model is loaded
+    for name in ("init_from", "llava_checkpoint", "vision_model", "language_model", "tokenizer"):
+        if problem := missing_folder(given.get(name)):
+            raise SystemExit(f"--{name.replace('_', '-')} {problem}")
     return cfg, {**STAGES[cfg.stage], **{k: v for k, v in given.items() if k not in train_names}}
 
 
@@ -203,7 +208,18 @@ def build_data(cfg: TrainConfig, model: LlavaStyleModel, sources: list[tuple[str
                                   cfg.batch_size * num_shards, seed=cfg.seed)
     print(f"data: {sum(map(len, datasets))} samples from {len(sources)} sources; one pass = {len(sampler)} "
           f"batches; estimated padded fraction {sampler.padded_fraction(itertools.islice(sampler, 200)):.1%}")
-    return torch.utils.data.ConcatDataset(datasets), sampler
+    return SkipUnreadable(datasets), sampler
+
+
+class SkipUnreadable(torch.utils.data.ConcatDataset):
+    """The sources as one dataset; a sample whose media cannot be read becomes {"bad": data.py's message}."""
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (ValueError, OSError) as e:  # data.py's readers name the file; train_step counts the skips
+            print(f"skipped {e}", file=sys.stderr)
+            return {"bad": str(e)}
 
 
 class MixtureSampler(torch.utils.data.Sampler):
@@ -263,10 +279,12 @@ class MixtureSampler(torch.utils.data.Sampler):
 
 def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, world=1):
     """Endless micro-batches from number `start` on (a resume skips indices without loading them), each process
-    taking every world-th sample of a global batch. A batch whose samples were all dropped (too long) is None."""
+    taking every world-th sample of a global batch: data.collate's batch (absent if all were dropped or bad), "ids"
+    and "bad" (SkipUnreadable's messages)."""
     def collate(samples):
-        batch = data.collate(samples, pad_token_id)
-        return batch and {**batch, "ids": [f"{s['source']}: {s['id']}" for s in samples if s is not None]}
+        good = [s for s in samples if s is not None and "bad" not in s]
+        return {**(data.collate(good, pad_token_id) or {}), "ids": [f"{s['source']}: {s['id']}" for s in good],
+                "bad": [s["bad"] for s in samples if s is not None and "bad" in s]}
 
     order = (batch[rank::world] for batch in itertools.islice(sampler.stream(), start, None))
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate, num_workers=num_workers,
@@ -298,9 +316,13 @@ def build_optimizer(cfg: TrainConfig, groups: dict, base_lr: dict) -> torch.opti
 def save_checkpoint(directory, run, rng_generator_states):
     """A run's trained weights (model.save_pretrained) + optimizer, step, data position and RNG states -> directory."""
     tmp = directory + ".tmp"
-    run.model.save_pretrained(tmp)
-    torch.save({"optimizer": run.optimizer.state_dict(), "step": run.step, "micro_batches": run.micro,
-                "rng": rng_generator_states}, os.path.join(tmp, "train_state.pt"))
+    try:
+        run.model.save_pretrained(tmp)
+        torch.save({"optimizer": run.optimizer.state_dict(), "step": run.step, "micro_batches": run.micro,
+                    "skipped": run.skipped, "rng": rng_generator_states}, os.path.join(tmp, "train_state.pt"))
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save says a full disk as "unexpected pos"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"{directory}: not saved, the disk is full or not writable ({e}); free space, then --resume")
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)  # a kill mid-save never leaves a half-written checkpoint
 
@@ -314,18 +336,10 @@ def set_rng_states(states):
     torch.cuda.set_rng_state_all(states["cuda"])  # [] when saved without CUDA: nothing to set
 
 
-def truncate_metrics(path: str, step: int):
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-    if os.path.exists(path):
-        rows = [line for line in open(path) if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
-
-
 def latest_checkpoint(out: str) -> str | None:
     """A run's folder -> its newest complete checkpoint-N folder, or None."""
     names = os.listdir(out) if os.path.isdir(out) else []
-    steps = [d for d in names if d.startswith("checkpoint-") and not d.endswith(".tmp")]
+    steps = [d for d in names if re.fullmatch(r"checkpoint-\d+", d)]  # not .tmp, nor a checkpoint-final of yours
     return os.path.join(out, max(steps, key=lambda d: int(d.split("-")[1]))) if steps else None
 
 
@@ -345,9 +359,11 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
                               log_with=cfg.report_to, project_dir=cfg.out,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
-    resume_from = latest_checkpoint(cfg.out) if cfg.resume else None
-    if not cfg.resume and (latest_checkpoint(cfg.out) or os.path.exists(os.path.join(cfg.out, "metrics.jsonl"))):
+    resume_from, metrics = latest_checkpoint(cfg.out), os.path.join(cfg.out, "metrics.jsonl")
+    if not cfg.resume and (resume_from or os.path.exists(metrics)):
         raise SystemExit(f"{cfg.out} already holds a run: --resume continues it, or give another --out")
+    if cfg.resume and not resume_from:
+        print(f"--resume: no checkpoint in {cfg.out}; starting from step 0", file=sys.stderr)
     if resume_from and os.path.exists(os.path.join(cfg.out, "config.json")):
         check_resume(data.read_json(os.path.join(cfg.out, "config.json")), cfg, overrides, resume_from)
     # to resume: rebuild the same model, then load its trained tensors
@@ -360,17 +376,18 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     base_lr = {"projector": cfg.projector_lr, "vision": cfg.vision_lr, "language": cfg.lr}
     optimizer = build_optimizer(cfg, groups, base_lr)
     total = cfg.max_steps or max(1, int(cfg.epochs * len(sampler) / cfg.grad_accum))
-    step = micro = 0
+    step = micro = skipped = 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, "train_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # the state's own would win over a changed --weight-decay
             group["weight_decay"] = cfg.weight_decay
-        step, micro = state["step"], state["micro_batches"]
+        step, micro, skipped = state["step"], state["micro_batches"], state.get("skipped", 0)
         # one RNG entry per process of the run that saved it
         set_rng_states(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
-        if accelerator.is_main_process:
-            truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)
+    if accelerator.is_main_process and os.path.exists(metrics):  # resuming: drop the lines logged after the
+        # checkpoint (they will be logged again) and one cut by the kill (data.read_json warns, naming the file)
+        data.write_json(metrics, [r for r in data.read_json(metrics) if r is not None and r["step"] <= step])
     optimizer = accelerator.prepare(optimizer)
     os.makedirs(cfg.out, exist_ok=True)
     main = accelerator.is_main_process
@@ -385,8 +402,9 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     return SimpleNamespace(
         accelerator=accelerator, model=model, wrapped=wrapped, optimizer=optimizer, groups=groups,
         base_lr=base_lr, stream=stream, step=step, micro=micro, total=total, warmup=int(cfg.warmup_ratio * total),
-        log_file=open(os.path.join(cfg.out, "metrics.jsonl"), "a", buffering=1) if main else None,  # line-flushed
-        bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False)
+        log_file=open(metrics, "a", buffering=1) if main else None,  # line-flushed
+        bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False,
+        skipped=skipped)
 
 
 def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str):
@@ -409,13 +427,14 @@ def learning_rate(run, name: str) -> float:
 def train_step(run, cfg: TrainConfig) -> dict:
     """One optimizer step (grad_accum micro-batches, gradients synchronised on the last only) -> its log record."""
     accelerator = run.accelerator
-    start, tokens, padded, loss_sum = time.perf_counter(), 0, 0, 0.0
+    start, tokens, padded, loss_sum, bad = time.perf_counter(), 0, 0, 0.0, []
     for i in range(cfg.grad_accum):
         batch = next(run.stream)
         run.micro += 1
-        if batch is None:
-            continue
+        bad += batch.pop("bad")
         sample_ids = batch.pop("ids")
+        if "input_ids" not in batch:
+            continue
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         tokens += int(batch["attention_mask"].sum())
         padded += int((batch["attention_mask"] == 0).sum())
@@ -428,7 +447,11 @@ def train_step(run, cfg: TrainConfig) -> dict:
                                                       else "no checkpoint was saved yet (see --save-every)"))
             accelerator.backward(loss / cfg.grad_accum)
         loss_sum += loss.item() / cfg.grad_accum
-    if not tokens:
+    run.skipped += int(accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum"))  # all alike
+    if run.skipped > cfg.max_bad_fraction * run.micro * cfg.batch_size * accelerator.num_processes:
+        raise SystemExit(f"{run.skipped} of {run.micro * cfg.batch_size * accelerator.num_processes} samples read were "
+                         f"skipped, over --max-bad-fraction {cfg.max_bad_fraction}; the last: {'; '.join(bad[-3:])}")
+    if not tokens and not bad:
         raise SystemExit(f"step {run.step + 1}: all samples of its {cfg.grad_accum} micro-batches were dropped "
                          f"(longer than --max-length {cfg.max_length}? see the warnings above): nothing to learn")
     grad_norm = accelerator.clip_grad_norm_([p for ps in run.groups.values() for p in ps], cfg.max_grad_norm)
@@ -439,7 +462,7 @@ def train_step(run, cfg: TrainConfig) -> dict:
     run.step += 1
     run.loss = loss_sum
     seconds = time.perf_counter() - start
-    return {"step": run.step, "loss": loss_sum, "lr": run.optimizer.param_groups[-1]["lr"],
+    return {"step": run.step, "loss": loss_sum, "skipped": run.skipped, "lr": run.optimizer.param_groups[-1]["lr"],
             "grad_norm": float(grad_norm), "tokens_per_s": tokens * accelerator.num_processes / seconds,
             "padded_fraction": padded / max(1, tokens + padded),
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
