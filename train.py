@@ -67,7 +67,7 @@ class TrainConfig:
     max_steps: int = 0                        # > 0 overrides epochs
     max_length: int = 6144                    # INST-IT's 6K context
     seed: int = 0                             # seeds the model's init, dropout and the data order
-    max_bad_fraction: float = 0.01            # stop when more of the samples read so far had unreadable media
+    max_bad_fraction: float = 0.01            # stop when more of the data (or of all samples read) is unreadable
     num_workers: int = 2                      # DataLoader processes reading and marking media
     log_every: int = 1                        # write metrics.jsonl every K steps
     save_every: int = 500                     # checkpoint every K steps (and when stopped by a signal)
@@ -404,7 +404,7 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
         base_lr=base_lr, stream=stream, step=step, micro=micro, total=total, warmup=int(cfg.warmup_ratio * total),
         log_file=open(metrics, "a", buffering=1) if main else None,  # line-flushed
         bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False,
-        skipped=skipped)
+        skipped=skipped, samples=len(dataset))
 
 
 def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str):
@@ -448,9 +448,10 @@ def train_step(run, cfg: TrainConfig) -> dict:
             accelerator.backward(loss / cfg.grad_accum)
         loss_sum += loss.item() / cfg.grad_accum
     run.skipped += int(accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum"))  # all alike
-    if run.skipped > cfg.max_bad_fraction * run.micro * cfg.batch_size * accelerator.num_processes:
-        raise SystemExit(f"{run.skipped} of {run.micro * cfg.batch_size * accelerator.num_processes} samples read were "
-                         f"skipped, over --max-bad-fraction {cfg.max_bad_fraction}; the last: {'; '.join(bad[-3:])}")
+    read = max(run.samples, run.micro * cfg.batch_size * accelerator.num_processes)  # the data, or all read if more
+    if run.skipped > cfg.max_bad_fraction * read:
+        raise SystemExit(f"{run.skipped} samples skipped of {read}, over --max-bad-fraction {cfg.max_bad_fraction}; "
+                         f"the last: {'; '.join(bad[-3:])}")
     if not tokens and not bad:
         raise SystemExit(f"step {run.step + 1}: all samples of its {cfg.grad_accum} micro-batches were dropped "
                          f"(longer than --max-length {cfg.max_length}? see the warnings above): nothing to learn")
