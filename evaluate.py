@@ -254,6 +254,7 @@ def judge_client(args):
 
     folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))  # run: a folder
     cache = args.judge_cache or os.path.join(folder, "judge.cache.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)  # before a paid answer is cached there
     return LLMClient(args.judge_base_url, args.judge_model, cache, json_mode=args.judge_json_mode,
                      prompt_version=JUDGE_VERSION)
 
