@@ -146,16 +146,21 @@ PREDICTION_FIELDS = ("question_id", "model_prediction", "ground_truth")
 def load_predictions(path: str) -> list[dict]:
     """A predictions file (JSONL, a JSON list, or {"predictions": [...]}) in the official shape:
     question_id, question, model_prediction, ground_truth[, split]. Missing fields are an error."""
-    with open(path) as f:
-        text = f.read()
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         records = json.loads(text)
-        records = records.get("predictions", records) if isinstance(records, dict) else records
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: neither JSON nor JSONL ({e})")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+    except json.JSONDecodeError as whole:  # JSONL, or JSON with an error
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:  # a JSON list's own error lies further on than its first line "["
+                n, bad = (whole.lineno, whole) if whole.lineno > n else (n, e)
+                raise SystemExit(f"{path}: line {n} is not valid JSON ({bad.msg}, column {bad.colno}); fix that line")
+    records = records.get("predictions", [records]) if isinstance(records, dict) else records  # a 1-line JSONL: [it]
     if not isinstance(records, list) or not records:
         raise SystemExit(f"{path}: no predictions found")
     counts = Counter((r.get("split"), r.get("question_id")) for r in records if isinstance(r, dict))
@@ -166,6 +171,8 @@ def load_predictions(path: str) -> list[dict]:
             name = r.get("question_id", "?") if isinstance(r, dict) else r
             raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing}; "
                              f"expected fields {PREDICTION_FIELDS}")
+        # a null prediction (a failed generation) is an empty, wrong answer; an int reference is compared as text
+        r.update(model_prediction=str(r["model_prediction"] or ""), ground_truth=str(r["ground_truth"]))
     return records
 
 
