@@ -545,7 +545,7 @@ def main(argv=None):
         cmd.add_argument("--max-new-tokens", type=int, default=256)
         cmd.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames sampled per video")
     score.add_argument("--predictions", required=True)
-    score.add_argument("--mode", choices=["mc", "oe"], required=True)
+    score.add_argument("--mode", choices=["mc", "oe"], help="default: from the file (MC ground truths are letters)")
     instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
     instr.add_argument("--templates", required=True, help="JSON {task_name: [instruction templates]}")
     for cmd in (run, score, instr):
@@ -582,8 +582,13 @@ def main(argv=None):
         return ask_main(args)
     if args.command == "score":
         predictions = load_predictions(args.predictions)
+        mc = [bool(p.get("options") or re.fullmatch(r"[A-Za-z]", p["ground_truth"].strip())) for p in predictions]
+        mode = args.mode or ("mc" if all(mc) else "oe")  # MC ground truths are letters: the file says its mode
+        if wrong := [p["question_id"] for p, m in zip(predictions, mc) if m != (mode == "mc")]:
+            raise SystemExit(f"{args.predictions}: question_id {wrong[0]!r} and {len(wrong) - 1} more are not "
+                             f"{mode.upper()} (MC ground truths are letters); give the --mode they are, or score apart")
         try:
-            result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))
+            result = score_mc(predictions) if mode == "mc" else score_oe(predictions, judge_client(args))
         except ValueError as e:
             raise SystemExit(f"{args.predictions}: {e}")
         data.write_json(args.out, result)
