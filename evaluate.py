@@ -74,8 +74,6 @@ def extract_choice(response: str, options) -> str | None:
     answer is a dog" chose nothing); "A" followed by a lowercase word is the article "A person", never option A."""
     letters = {o.upper() for o in options}
     text = (response or "").strip()
-    if not text:
-        return None
     for pattern in _CHOICE_PATTERNS:
         for m in reversed(list(re.finditer(pattern, text, flags=re.IGNORECASE | re.MULTILINE))):
             if not _is_article(text, m):
@@ -244,8 +242,7 @@ def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
             return judge_score(client, p.get("question", ""), p["ground_truth"], p["model_prediction"],
                                video=str(p.get("split", "")).startswith("video"))
         except LLMError as e:
-            print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)
-            return None
+            print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)  # None: counted as 0
 
     with ThreadPoolExecutor(workers) as pool:
         scores = list(tqdm(pool.map(one, predictions), total=total, desc="judge"))
