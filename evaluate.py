@@ -18,6 +18,7 @@ import re
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from statistics import fmean, pstdev
 
 from tqdm import tqdm
 
@@ -73,8 +74,6 @@ def extract_choice(response: str, options) -> str | None:
     answer is a dog" chose nothing); "A" followed by a lowercase word is the article "A person", never option A."""
     letters = {o.upper() for o in options}
     text = (response or "").strip()
-    if not text:
-        return None
     for pattern in _CHOICE_PATTERNS:
         for m in reversed(list(re.finditer(pattern, text, flags=re.IGNORECASE | re.MULTILINE))):
             if not _is_article(text, m):
@@ -131,9 +130,8 @@ def sensitivity(scores: dict) -> float:
     for task, values in scores.items():
         if not values:
             raise ValueError(f"sensitivity: task {task!r} has no scores")
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        ratios.append(std / mean if mean else 0.0)
+        mean = fmean(values)
+        ratios.append(pstdev(values) / mean if mean else 0.0)
     return sum(ratios) / len(ratios)
 
 
@@ -146,16 +144,21 @@ PREDICTION_FIELDS = ("question_id", "model_prediction", "ground_truth")
 def load_predictions(path: str) -> list[dict]:
     """A predictions file (JSONL, a JSON list, or {"predictions": [...]}) in the official shape:
     question_id, question, model_prediction, ground_truth[, split]. Missing fields are an error."""
-    with open(path) as f:
-        text = f.read()
     try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
         records = json.loads(text)
-        records = records.get("predictions", records) if isinstance(records, dict) else records
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}: neither JSON nor JSONL ({e})")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+    except json.JSONDecodeError as whole:  # JSONL, or JSON with an error
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:  # a JSON list's own error lies further on than its first line "["
+                n, bad = (whole.lineno, whole) if whole.lineno > n else (n, e)
+                raise SystemExit(f"{path}: line {n} is not valid JSON ({bad.msg}, column {bad.colno}); fix that line")
+    records = records.get("predictions", [records]) if isinstance(records, dict) else records  # a 1-line JSONL: [it]
     if not isinstance(records, list) or not records:
         raise SystemExit(f"{path}: no predictions found")
     counts = Counter((r.get("split"), r.get("question_id")) for r in records if isinstance(r, dict))
@@ -166,6 +169,8 @@ def load_predictions(path: str) -> list[dict]:
             name = r.get("question_id", "?") if isinstance(r, dict) else r
             raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing}; "
                              f"expected fields {PREDICTION_FIELDS}")
+        # a null prediction (a failed generation) is an empty, wrong answer; an int reference is compared as text
+        r.update(model_prediction=str(r["model_prediction"] or ""), ground_truth=str(r["ground_truth"]))
     return records
 
 
@@ -237,8 +242,7 @@ def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
             return judge_score(client, p.get("question", ""), p["ground_truth"], p["model_prediction"],
                                video=str(p.get("split", "")).startswith("video"))
         except LLMError as e:
-            print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)
-            return None
+            print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)  # None: counted as 0
 
     with ThreadPoolExecutor(workers) as pool:
         scores = list(tqdm(pool.map(one, predictions), total=total, desc="judge"))
@@ -254,6 +258,7 @@ def judge_client(args):
 
     folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))  # run: a folder
     cache = args.judge_cache or os.path.join(folder, "judge.cache.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)  # before a paid answer is cached there
     return LLMClient(args.judge_base_url, args.judge_model, cache, json_mode=args.judge_json_mode,
                      prompt_version=JUDGE_VERSION)
 
@@ -281,35 +286,62 @@ def bench_sample(question: dict, num_frames: int) -> dict:
             "messages": [{"role": "user", "content": "<image>\n" + text}]}
 
 
+def encode_prompt(sample: dict, model) -> dict | None:
+    """A prompt sample -> data.encode_sample's tensors, or None (a warning names the file) if its media won't read."""
+    try:
+        return data.encode_sample(sample, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
+    except (OSError, ValueError) as e:
+        log.warning("%s: sample %s: %s (skipped)", sample.get("source", "?"), sample.get("id", "?"), e)
+
+
 def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 256,
-                     desc: str = "generate", **sampling) -> list[str]:
+                     desc: str = "generate", **sampling) -> list[str | None]:
     """Prompt samples -> decoded answers, in left-padded batches: greedy, or `sampling` (do_sample, temperature,
-    top_p, streamer) as model.generate takes it."""
+    top_p, streamer) as model.generate takes it; None for a sample whose media cannot be read (encode_prompt)."""
     answers = []
     for k in tqdm(range(0, len(samples), batch_size), desc=desc, disable=len(samples) <= batch_size):
-        encoded = [data.encode_sample(s, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
-                   for s in samples[k:k + batch_size]]
-        batch = data.collate(encoded, model.tokenizer.pad_token_id, padding_side="left")
-        batch = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in batch.items() if key != "labels"}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling)
-        answers += [a.strip() for a in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        encoded = [encode_prompt(s, model) for s in samples[k:k + batch_size]]
+        if readable := [e for e in encoded if e is not None]:
+            batch = data.collate(readable, model.tokenizer.pad_token_id, padding_side="left")
+            batch = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in batch.items() if key != "labels"}
+            out = iter(model.tokenizer.batch_decode(model.generate(**batch, max_new_tokens=max_new_tokens, **sampling),
+                                                    skip_special_tokens=True))
+        answers += [None if e is None else next(out).strip() for e in encoded]
     return answers
 
 
-def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8,
-              max_new_tokens=256, num_frames=8, client=None) -> dict:
-    """Model x bench -> out_dir/predictions.jsonl (official shape), summary.json, scores.png; the summary."""
-    questions = data.load_instit_bench(bench, splits, media_root)
+def bench_questions(bench: str, splits: list[str], media_root=None, max_bad_fraction=0.05) -> list[dict]:
+    """An INST-IT Bench path -> its questions, checked before a model loads (repeated IDs, missing media)."""
+    questions = data.load_instit_bench(bench, splits, media_root, check_media=False)
     if not questions:
         raise SystemExit(f"{bench}: no questions in splits {splits}")
+    if repeated := [key for key, n in Counter((q["split"], q["question_id"]) for q in questions).items() if n > 1]:
+        raise SystemExit(f"{bench}: question_id {repeated[0][1]!r} repeats in {repeated[0][0]}; give each its own ID")
+    missing = [q["media"] for q in questions if isinstance(q["media"], str) and not os.path.exists(q["media"])]
+    if len(missing) > max_bad_fraction * len(questions):
+        raise SystemExit(f"{bench}: {len(missing)} of {len(questions)} questions' media not found ({missing[0]}, ...), "
+                         f"over --max-bad-fraction {max_bad_fraction}; fix --media-root, or raise the fraction")
+    return questions
+
+
+def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8,
+              max_new_tokens=256, num_frames=8, client=None, max_bad_fraction=0.05, checked=None) -> dict:
+    """Model x bench (or `checked`: its bench_questions) -> predictions.jsonl, summary.json, scores.png; the summary."""
+    questions = checked or bench_questions(bench, splits, media_root, max_bad_fraction)
     answers = generate_answers(model, [bench_sample(q, num_frames) for q in questions], batch_size, max_new_tokens)
     predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
                     "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
-                   for q, a in zip(questions, answers)]
+                   for q, a in zip(questions, answers) if a is not None]
     data.write_json(os.path.join(out_dir, "predictions.jsonl"), predictions)
-    by_split = {s: [p for p in predictions if p["split"] == s] for s in sorted({p["split"] for p in predictions})}
+    skipped = [q for q, a in zip(questions, answers) if a is None]
+    if len(skipped) > max_bad_fraction * len(questions):
+        raise SystemExit(f"{bench}: {len(skipped)} of {len(questions)} questions skipped (media named above), over "
+                         f"--max-bad-fraction {max_bad_fraction}; predictions.jsonl holds the rest: fix the media")
+    by_split = {s: [p for p in predictions if p["split"] == s] for s in sorted({q["split"] for q in questions})}
     summary = {split: {**score_mc(rows), "chance": MC_RANDOM} if split.endswith("mc") else score_oe(rows, client)
                for split, rows in by_split.items()}
+    for split, s in summary.items():
+        s["skipped"] = sum(q["split"] == split for q in skipped)  # questions whose media is missing or unreadable
     data.write_json(os.path.join(out_dir, "summary.json"), summary)
     plot_scores(summary, os.path.join(out_dir, "scores.png"))
     print_summary(summary)
@@ -338,27 +370,41 @@ def print_summary(summary: dict):
 # ---------------------------------------------------------------------------------------------------
 # MultiInstruct: each task under each of its instructions, and the Sensitivity.
 
-def evaluate_instructions(model, tasks: str, templates: str, media_root=None, batch_size=8, max_new_tokens=32) -> dict:
-    """MultiInstruct .jsonl + {task: [templates]} -> per-task accuracy under each template (normalised exact
-    match with target_txt), per-task mean/max/std, the aggregate and the Sensitivity (MultiInstruct 5.1)."""
-    task_of = {str(r.get("unique_id", "?")): r.get("task_name") for r in data.read_json(tasks)}
-    template_lists = data.read_json(templates) if isinstance(templates, str) else templates
-    n_templates = min(len(v) for v in template_lists.values())
-    per_task = {}
-    for k in range(n_templates):
-        samples = data.load_multiinstruct(tasks, template_lists, media_root, template_index=k)
-        prompts = [{**s, "messages": s["messages"][:-1]} for s in samples]
+def instruction_templates(path: str) -> dict:
+    """A templates JSON file -> {task_name: [instruction templates]}, checked before a model loads."""
+    templates = data.read_json(path)
+    if not isinstance(templates, dict) or not templates:
+        raise SystemExit(f"{path}: expected {{task_name: [instruction templates]}}, got {str(templates)[:40]}")
+    if empty := [task for task, v in templates.items() if not isinstance(v, list) or not v]:
+        raise SystemExit(f"{path}: task {empty[0]!r} has no instruction templates; give it a list of one or more")
+    return templates
+
+
+def evaluate_instructions(model, tasks: str, templates, media_root=None, batch_size=8, max_new_tokens=32) -> dict:
+    """MultiInstruct .jsonl + {task: [templates]} (or its file) -> per task: accuracy under each of its own templates
+    (normalised exact match with target_txt), templates and samples counted; the aggregate, the Sensitivity (5.1)."""
+    template_lists = instruction_templates(templates) if isinstance(templates, str) else templates
+    records, hits = data.read_json(tasks), {}  # hits: task -> template -> [exact match per sample]
+    for k in range(max(map(len, template_lists.values()))):
+        # a task with fewer templates gets its last: its samples are built (cheap) but not generated
+        kth = {task: [v[min(k, len(v) - 1)]] for task, v in template_lists.items()}
+        samples = data.load_multiinstruct(tasks, kth, media_root, template_index=0)
+        # a sample's task: that of the next record with its id (samples keep file order; tasks share instance ids)
+        rest = iter(r for r in records if isinstance(r, dict))  # None: a bad JSONL line (read_json warned)
+        named = [next(r.get("task_name") for r in rest if str(r.get("unique_id", "?")) == s["id"]) for s in samples]
+        samples = [(task, s) for task, s in zip(named, samples) if k < len(template_lists[task])]  # its own templates
+        prompts = [{**s, "messages": s["messages"][:-1]} for _, s in samples]
         answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
-        hits = {}
-        for s, a in zip(samples, answers):
-            hits.setdefault(task_of[s["id"]], []).append(normalise(a) == normalise(s["messages"][-1]["content"]))
-        for task, h in hits.items():
-            per_task.setdefault(task, []).append(100 * sum(h) / len(h))
-    report = {task: {"scores": v, "mean": sum(v) / len(v), "max": max(v),
-                     "std": math.sqrt(sum((x - sum(v) / len(v)) ** 2 for x in v) / len(v))}
-              for task, v in per_task.items()}
+        scored = [(task, s, a) for (task, s), a in zip(samples, answers) if a is not None]  # None: image unreadable
+        for task, s, a in scored:
+            hits.setdefault(task, {}).setdefault(k, []).append(normalise(a) == normalise(s["messages"][-1]["content"]))
+    if not hits:
+        raise SystemExit(f"{tasks}: no sample could be scored (the warnings above say why)")
+    scores = {task: [100 * sum(h) / len(h) for h in by_template.values()] for task, by_template in hits.items()}
+    report = {task: {"scores": v, "templates": len(v), "samples": [len(h) for h in hits[task].values()],
+                     "mean": fmean(v), "max": max(v), "std": pstdev(v)} for task, v in scores.items()}
     return {"tasks": report, "aggregate": sum(r["mean"] for r in report.values()) / len(report),
-            "sensitivity": sensitivity(per_task)}
+            "sensitivity": sensitivity(scores)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,11 +537,12 @@ def main(argv=None):
     run.add_argument("--bench", required=True, help="bench file or folder (data.load_instit_bench)")
     run.add_argument("--splits", default="image_mc,image_oe,video_mc,video_oe")
     run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--max-bad-fraction", type=float, default=0.05, help="skip unreadable media up to this fraction")
     for cmd in (run, ask_cmd):
         cmd.add_argument("--max-new-tokens", type=int, default=256)
         cmd.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames sampled per video")
     score.add_argument("--predictions", required=True)
-    score.add_argument("--mode", choices=["mc", "oe"], required=True)
+    score.add_argument("--mode", choices=["mc", "oe"], help="default: from the file (MC ground truths are letters)")
     instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
     instr.add_argument("--templates", required=True, help="JSON {task_name: [instruction templates]}")
     for cmd in (run, score, instr):
@@ -526,12 +573,19 @@ def main(argv=None):
         cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
     args = p.parse_args(argv)
     data.log_to_stderr()
+    if bad := [flag for flag in ("num_frames", "batch_size") if getattr(args, flag, 1) < 1]:  # before a model loads
+        raise SystemExit(f"--{bad[0].replace('_', '-')} {getattr(args, bad[0])}: give at least 1")
     if args.command == "ask":
         return ask_main(args)
     if args.command == "score":
         predictions = load_predictions(args.predictions)
+        mc = [bool(p.get("options") or re.fullmatch(r"[A-Za-z]", p["ground_truth"].strip())) for p in predictions]
+        mode = args.mode or ("mc" if all(mc) else "oe")  # MC ground truths are letters: the file says its mode
+        if wrong := [p["question_id"] for p, m in zip(predictions, mc) if m != (mode == "mc")]:
+            raise SystemExit(f"{args.predictions}: question_id {wrong[0]!r} and {len(wrong) - 1} more are not "
+                             f"{mode.upper()} (MC ground truths are letters); give the --mode they are, or score apart")
         try:
-            result = score_mc(predictions) if args.mode == "mc" else score_oe(predictions, judge_client(args))
+            result = score_mc(predictions) if mode == "mc" else score_oe(predictions, judge_client(args))
         except ValueError as e:
             raise SystemExit(f"{args.predictions}: {e}")
         data.write_json(args.out, result)
@@ -543,11 +597,14 @@ def main(argv=None):
     # checked before the model is loaded
     if unknown := [s for s in splits if s not in data.BENCH_SPLITS and s not in data.BENCH_SPLITS.values()]:
         raise SystemExit(f"unknown split(s) {unknown}; choose from {list(data.BENCH_SPLITS)}")
-    model = LlavaStyleModel.from_pretrained(args.model).eval()
-    if args.command == "run":
-        return run_bench(model, args.bench, splits, args.out, args.media_root, args.batch_size, args.max_new_tokens,
-                         args.num_frames, judge_client(args))
-    result = evaluate_instructions(model, args.tasks, args.templates, args.media_root)
+    if args.command == "run":  # the bench is read and checked before the model loads, as the templates are
+        checked = bench_questions(args.bench, splits, args.media_root, args.max_bad_fraction)
+        return run_bench(LlavaStyleModel.from_pretrained(args.model).eval(), args.bench, splits, args.out,
+                         args.media_root, args.batch_size, args.max_new_tokens, args.num_frames, judge_client(args),
+                         args.max_bad_fraction, checked)
+    templates = instruction_templates(args.templates)
+    result = evaluate_instructions(LlavaStyleModel.from_pretrained(args.model).eval(), args.tasks, templates,
+                                   args.media_root)
     data.write_json(os.path.join(args.out, "instructions.json"), result)
     for task, r in result["tasks"].items():
         print(f"{task:30} mean {r['mean']:5.1f}  max {r['max']:5.1f}  std {r['std']:5.1f}")
