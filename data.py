@@ -763,7 +763,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         if not isinstance(target, str):
             raise RecordError("target_txt", "missing")
         visual = {"frames": [find_media(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
-        return [conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)])]
+        return [{**conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)]), "task": task}]
 
     return convert_records(path, read_json(path) if records is None else records, convert, "unique_id")
 

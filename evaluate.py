@@ -384,15 +384,12 @@ def evaluate_instructions(model, tasks: str, templates, media_root=None, batch_s
     """MultiInstruct .jsonl + {task: [templates]} (or its file) -> per task: accuracy under each of its own templates
     (normalised exact match with target_txt), templates and samples counted; the aggregate, the Sensitivity (5.1)."""
     template_lists = instruction_templates(templates) if isinstance(templates, str) else templates
-    records, hits = data.read_json(tasks), {}  # hits: task -> template -> [exact match per sample]
+    hits = {}  # task -> template -> [exact match per sample]
     for k in range(max(map(len, template_lists.values()))):
         # a task with fewer templates gets its last: its samples are built (cheap) but not generated
         kth = {task: [v[min(k, len(v) - 1)]] for task, v in template_lists.items()}
         samples = data.load_multiinstruct(tasks, kth, media_root, template_index=0)
-        # a sample's task: that of the next record with its id (samples keep file order; tasks share instance ids)
-        rest = iter(r for r in records if isinstance(r, dict))  # None: a bad JSONL line (read_json warned)
-        named = [next(r.get("task_name") for r in rest if str(r.get("unique_id", "?")) == s["id"]) for s in samples]
-        samples = [(task, s) for task, s in zip(named, samples) if k < len(template_lists[task])]  # its own templates
+        samples = [(s["task"], s) for s in samples if k < len(template_lists[s["task"]])]  # tasks share instance ids
         prompts = [{**s, "messages": s["messages"][:-1]} for _, s in samples]
         answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
         scored = [(task, s, a) for (task, s), a in zip(samples, answers) if a is not None]  # None: image unreadable
