@@ -23,6 +23,7 @@ from statistics import fmean, pstdev
 from tqdm import tqdm
 
 import data
+from model import LlavaStyleModel, missing_folder
 from som import IMAGE_EXTS, MarkStyle, frame_files, instance_key, instance_mask, named_ids, open_image, render_som
 
 NUM_FRAMES = 8  # frames sampled per video by `run` and `ask`
@@ -404,6 +405,13 @@ def evaluate_instructions(model, tasks: str, templates, media_root=None, batch_s
             "sensitivity": sensitivity(scores)}
 
 
+def load_model(path: str, **kwargs) -> LlavaStyleModel:
+    """--model -> the model, in eval mode; a local path that is no folder stops here (not at the hub's "Repo id")."""
+    if problem := missing_folder(path):
+        raise SystemExit(problem)
+    return LlavaStyleModel.from_pretrained(path, **kwargs).eval()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Ask: one question about your own image or video, marks drawn from your masks or boxes.
 
@@ -469,7 +477,6 @@ def ask_main(args) -> dict:
     streamed to stdout (--json: one JSON object and nothing else); --chat reads further questions from stdin."""
     from transformers import TextStreamer
 
-    from model import LlavaStyleModel
 
     boxes, video = dict(parse_box(spec) for spec in args.box), args.video is not None
     try:  # every input is read and checked before the model loads
@@ -486,7 +493,7 @@ def ask_main(args) -> dict:
     if masks and video and not set(masks) & set(names):
         log.warning("%s: no key names a sampled frame (%s, ...): a video's masks are keyed by frame file name, "
                     "or by source index as 00012.jpg", args.masks, ", ".join(names[:3]))
-    model = LlavaStyleModel.from_pretrained(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {})).eval()
+    model = load_model(args.model, **({"load_in_4bit": True} if args.load_in_4bit else {}))
     if len(frames) > model.cfg.max_frames:
         raise SystemExit(f"--num-frames {args.num_frames}: the model reads at most {model.cfg.max_frames} frames")
     style = style or MarkStyle(**model.cfg.mark_style or {})  # the style the model was trained with
@@ -588,7 +595,6 @@ def main(argv=None):
         data.write_json(args.out, result)
         print(json.dumps(result))
         return result
-    from model import LlavaStyleModel
 
     splits = [s.strip() for s in getattr(args, "splits", "").split(",") if s.strip()]
     # checked before the model is loaded
@@ -596,12 +602,10 @@ def main(argv=None):
         raise SystemExit(f"unknown split(s) {unknown}; choose from {list(data.BENCH_SPLITS)}")
     if args.command == "run":  # the bench is read and checked before the model loads, as the templates are
         checked = bench_questions(args.bench, splits, args.media_root, args.max_bad_fraction)
-        return run_bench(LlavaStyleModel.from_pretrained(args.model).eval(), args.bench, splits, args.out,
-                         args.media_root, args.batch_size, args.max_new_tokens, args.num_frames, judge_client(args),
-                         args.max_bad_fraction, checked)
+        return run_bench(load_model(args.model), args.bench, splits, args.out, args.media_root, args.batch_size,
+                         args.max_new_tokens, args.num_frames, judge_client(args), args.max_bad_fraction, checked)
     templates = instruction_templates(args.templates)
-    result = evaluate_instructions(LlavaStyleModel.from_pretrained(args.model).eval(), args.tasks, templates,
-                                   args.media_root)
+    result = evaluate_instructions(load_model(args.model), args.tasks, templates, args.media_root)
     data.write_json(os.path.join(args.out, "instructions.json"), result)
     for task, r in result["tasks"].items():
         print(f"{task:30} mean {r['mean']:5.1f}  max {r['max']:5.1f}  std {r['std']:5.1f}")

@@ -2,6 +2,7 @@
 work already done survives (the judge's cache, predictions.jsonl)."""
 import json
 import os
+import re
 
 import pytest
 from PIL import Image
@@ -119,6 +120,9 @@ def test_bench_faults_stop_before_the_model_loads(bench, tmp_path):
     for flag in ("--num-frames", "--batch-size"):
         with pytest.raises(SystemExit, match=f"{flag} 0: give at least 1"):
             run(tmp_path, bench, NOWHERE, flag, "0")
+    # all checked, then a --model path that is no folder is named as such (not the hub's "Repo id must be ...")
+    with pytest.raises(SystemExit, match=f"{re.escape(NOWHERE)}: no such folder"):
+        run(tmp_path, bench, NOWHERE, "--max-bad-fraction", "1")
 
 
 def test_int_references_and_null_predictions_are_scored(tmp_path):
