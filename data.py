@@ -748,8 +748,8 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         if not choices:
             raise RecordError("task_name", f"no instruction templates for task {task!r}")
         k = template_index if template_index is not None else rng.randrange(len(choices))
-        region = rec.get("region")  # one region written as a string is still `{region[0]}`
-        fields = template_fields(dict(rec, region=[region]) if isinstance(region, str) else rec)
+        region = rec.get("region") or []  # none: "" as before; one region written as a string is still `{region[0]}`
+        fields = template_fields(dict(rec, region=[region] if isinstance(region, str) else region))
         try:
             instruction = choices[k].format(**fields)
         except KeyError as e:

@@ -81,7 +81,7 @@ def extract_choice(response: str, options) -> str | None:
                 return m.group(1).upper() if m.group(1).upper() in letters else None
     said = normalise(text)  # an answer that only repeats one option's text
     texts = options.items() if isinstance(options, dict) else ()
-    repeated = [k.upper() for k, v in texts if v.strip() and normalise(v) in said]
+    repeated = [k.upper() for k, v in texts if normalise(v).strip() and normalise(v) in said]  # "..." names none
     if len(repeated) == 1:
         return repeated[0]
     standalone = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)

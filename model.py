@@ -259,11 +259,10 @@ def checkpoint_tensors(path: str, prefix: str) -> dict:
 
 
 def missing_folder(path: str | None) -> str | None:
-    """"PATH: no such folder" if `path` looks local (. / ~ first, more parts than a hub ID's namespace/name, or a
-    first part that exists here) but is no folder: the hub would answer "Repo id must be in the form ..."."""
-    parts = Path(path or "").parts
-    if path and (path.startswith((".", "/", "~")) or len(parts) > 2 or Path(parts[0]).exists()):
-        return None if Path(path).is_dir() else f"{path}: no such folder"
+    """"PATH: no such folder" if `path` looks local (. / ~ first, or more parts than a hub ID's namespace/name) but
+    is no folder: the hub would answer "Repo id must be in the form ..."."""
+    if path and (path.startswith((".", "/", "~")) or len(Path(path).parts) > 2):
+        return None if Path(path).expanduser().is_dir() else f"{path}: no such folder"
 
 
 def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel":

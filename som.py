@@ -97,7 +97,7 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
         if key is None:
             raise ValueError(f"instance {instance_id}: expected an RLE or a dict with mask/box/bbox/polygon, "
                              f"got keys {list(spec)}")
-        if key == "bbox":  # COCO [x, y, w, h] as pycocotools draws it: edges to 1/5 px, the pixels whose centre is in
+        if key == "bbox":  # COCO [x, y, w, h] as pycocotools draws it: edges to 1/5 px, then the pixels centred inside
             x, y, bw, bh = spec["bbox"]
             x0, x1, y0, y1 = (math.ceil(math.floor(5 * v + 0.5) / 5 - 0.5) for v in (x, x + bw, y, y + bh))
             return instance_mask([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], size, instance_id)
@@ -303,9 +303,8 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         raise SystemExit(f"{args.masks}: cannot read the masks ({e})")
     coco = isinstance(masks, list) or "annotations" in masks  # COCO results or instances: they mark one image
-    image_id = args.image_id
-    if image_id is None:  # COCO names an image by its id: 000000397133.jpg is 397133
-        image_id = int((re.findall(r"[0-9]+", os.path.basename(args.source)) or [-1])[-1])
+    named = re.findall(r"[0-9]+", os.path.basename(args.source)) or ["-1"]  # COCO: 000000397133.jpg is id 397133
+    image_id = args.image_id if args.image_id is not None else int(named[-1])
     jobs = [(args.source, masks)]
     if os.path.isdir(args.source) and not coco:
         names = frame_files(args.source)

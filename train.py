@@ -67,7 +67,7 @@ class TrainConfig:
     max_steps: int = 0                        # > 0 overrides epochs
     max_length: int = 6144                    # INST-IT's 6K context
     seed: int = 0                             # seeds the model's init, dropout and the data order
-    max_bad_fraction: float = 0.01            # stop when more of the data (or of all samples read) is unreadable
+    max_bad_fraction: float = 0.01            # stop when more of the samples read are unreadable (10 at least)
     num_workers: int = 2                      # DataLoader processes reading and marking media
     log_every: int = 1                        # write metrics.jsonl every K steps
     save_every: int = 500                     # checkpoint every K steps (and when stopped by a signal)
@@ -404,7 +404,7 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
         base_lr=base_lr, stream=stream, step=step, micro=micro, total=total, warmup=int(cfg.warmup_ratio * total),
         log_file=open(metrics, "a", buffering=1) if main else None,  # line-flushed
         bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False,
-        skipped=skipped, samples=len(dataset))
+        skipped=skipped, samples=len(dataset), last_batch=None)
 
 
 def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str):
@@ -424,6 +424,11 @@ def learning_rate(run, name: str) -> float:
     return run.base_lr[name] * cosine_with_warmup(run.step, run.total, run.warmup)
 
 
+def too_many_skipped(skipped: int, read: int, total: int, fraction: float) -> bool:
+    """Unreadable samples past `fraction` of those read, on enough evidence: 10 of them, or past it of all the data."""
+    return skipped > fraction * read and (skipped >= 10 or skipped > fraction * total)
+
+
 def train_step(run, cfg: TrainConfig) -> dict:
     """One optimizer step (grad_accum micro-batches, gradients synchronised on the last only) -> its log record."""
     accelerator = run.accelerator
@@ -433,11 +438,14 @@ def train_step(run, cfg: TrainConfig) -> dict:
         run.micro += 1
         bad += batch.pop("bad")
         sample_ids = batch.pop("ids")
-        if "input_ids" not in batch:
-            continue
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        tokens += int(batch["attention_mask"].sum())
-        padded += int((batch["attention_mask"] == 0).sum())
+        weight = 1.0
+        if "input_ids" not in batch:  # all its samples dropped or unreadable
+            if accelerator.num_processes == 1 or run.last_batch is None:
+                continue
+            batch, weight = run.last_batch, 0.0  # DDP: every process joins each gradient all-reduce, this one adds 0
+        run.last_batch = batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        tokens += int(weight * batch["attention_mask"].sum())  # a replayed batch (weight 0) trains nothing
+        padded += int(weight * (batch["attention_mask"] == 0).sum())
         with nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped), accelerator.autocast():
             loss = run.wrapped(**batch, return_logits=False).loss  # the LM head on labelled positions only
             if not torch.isfinite(loss):
@@ -445,13 +453,13 @@ def train_step(run, cfg: TrainConfig) -> dict:
                 raise SystemExit(f"non-finite loss {loss.item()} at step {run.step + 1}, micro-batch {i}, samples "
                                  f"{sample_ids}; " + (f"the last good checkpoint is {last} (--resume)" if last
                                                       else "no checkpoint was saved yet (see --save-every)"))
-            accelerator.backward(loss / cfg.grad_accum)
-        loss_sum += loss.item() / cfg.grad_accum
+            accelerator.backward(weight * loss / cfg.grad_accum)
+        loss_sum += weight * loss.item() / cfg.grad_accum
     run.skipped += int(accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum"))  # all alike
-    read = max(run.samples, run.micro * cfg.batch_size * accelerator.num_processes)  # the data, or all read if more
-    if run.skipped > cfg.max_bad_fraction * read:
-        raise SystemExit(f"{run.skipped} samples skipped of {read}, over --max-bad-fraction {cfg.max_bad_fraction}; "
-                         f"the last: {'; '.join(bad[-3:])}")
+    read = run.micro * cfg.batch_size * accelerator.num_processes
+    if too_many_skipped(run.skipped, read, run.samples, cfg.max_bad_fraction):
+        raise SystemExit(f"{run.skipped} samples skipped of {read} read, over --max-bad-fraction "
+                         f"{cfg.max_bad_fraction}; the last: {'; '.join(bad[-3:])}")
     if not tokens and not bad:
         raise SystemExit(f"step {run.step + 1}: all samples of its {cfg.grad_accum} micro-batches were dropped "
                          f"(longer than --max-length {cfg.max_length}? see the warnings above): nothing to learn")

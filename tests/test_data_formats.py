@@ -434,6 +434,11 @@ def test_multiinstruct_released_records_render_the_authors_prompt(tmp_path, capl
     (sample,) = data.load_multiinstruct(write(tmp_path / "one.jsonl", [one_region]),
                                         {"object_relationship": ["Subject in {region[0]}; all: {region}."]}, str(root))
     assert sample["messages"][0]["content"] == "<image>\nSubject in 6 386 332 498; all: 6 386 332 498."
+    no_region = [dict(RELEASED[0][0], unique_id="null", region=None), {k: v for k, v in RELEASED[0][0].items()
+                                                                         if k != "region"}]  # null, or no key
+    samples = data.load_multiinstruct(write(tmp_path / "none.jsonl", no_region),
+                                      {"object_relationship": ["Regions: {region}."]}, str(root))
+    assert [s["messages"][0]["content"] for s in samples] == ["<image>\nRegions: ."] * 2  # written as nothing
     positional = {"unique_id": "p", "task_name": "VQA_positional_reasoning", "question": "What is left of the cup?",
                   "options": ["cake", "patio"], "target_txt": "cake",
                   "image_path": "./raw_datasets/hateful_memes/img/15740.png"}

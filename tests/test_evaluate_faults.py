@@ -129,6 +129,12 @@ def test_int_references_and_null_predictions_are_scored(tmp_path):
     rows = [{**OE[0], "ground_truth": 42}, {**OE[1], "model_prediction": None}]
     result = evaluate.main(["score", "--predictions", write(tmp_path / "p.json", rows), "--out", str(tmp_path / "s")])
     assert result["total"] == 2 and result["oe_proxy"] == 0.0  # both wrong, neither a crash
+    # an empty answer chooses nothing, even where an option's text is only punctuation
+    assert evaluate.extract_choice("", {"A": "...", "B": "dog"}) is None
+    mc = [{"question_id": 1, "question": "q", "model_prediction": None, "ground_truth": "A",
+           "options": {"A": "...", "B": "dog"}}]
+    result = evaluate.main(["score", "--predictions", write(tmp_path / "m.json", mc), "--out", str(tmp_path / "t")])
+    assert result["score"] == 0.0 and result["unparsed"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -82,9 +82,9 @@ def test_16_bad_media_are_skipped_counted_and_stop_the_run_past_max_bad_fraction
     skipped = [r["skipped"] for r in rows]
     assert skipped == sorted(skipped) and 0 < skipped[-1] == err.count("skipped sample ")  # one warning per skip
     assert "corrupt.png: cannot read this image" in err and "cut.png: cannot read this image" in err
-    # a video cut short or an empty frame folder: skipped too, and the default --max-bad-fraction (1% of the data,
-    # or of all samples read once that is more) stops the run at the first one in this small file, naming it
-    with pytest.raises(SystemExit, match=r"samples skipped of \d+, over --max-bad-fraction 0.01; "
+    # a video cut short or an empty frame folder: skipped too, and the default --max-bad-fraction (1%; see
+    # too_many_skipped) stops the run at the first one in this small file, naming it
+    with pytest.raises(SystemExit, match=r"samples skipped of \d+ read, over --max-bad-fraction 0.01; "
                                          r"the last: .*(cut.mov: cannot decode this video|empty_video: 0 frames)"):
         train.main(bad_args(tiny, bad_data, tmp_path / "stopped", "--max-steps", "64", data="bad_videos.json"))
     # allowed that many, a step whose samples were all unreadable passes without an update (length grouping puts
@@ -156,6 +156,39 @@ def test_15_evaluate_model_path_missing_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"^{tmp_path}/runs/final: no such folder$"):
         LlavaStyleModel.from_pretrained(str(tmp_path / "runs" / "final"))
     assert missing_folder("llava-hf/llava-1.5-7b-hf") is None
+
+
+def test_15_a_hub_id_is_not_taken_for_a_folder_and_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").mkdir()  # a local folder named like the hub namespace
+    assert missing_folder("openai/clip-vit-large-patch14") is None  # still the hub's to answer
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert missing_folder("~/openai") is None and missing_folder("~/typo") == "~/typo: no such folder"
+
+
+def test_16_the_stop_rule_waits_for_evidence():
+    """One unreadable file early in a long run does not stop it; a source that is all bad stops it at once."""
+    assert not train.too_many_skipped(1, read=16, total=10_000, fraction=0.01)  # 6% of what was read, but 1 file
+    assert train.too_many_skipped(10, read=16, total=10_000, fraction=0.01)  # 10 of the first 16: a broken source
+    assert not train.too_many_skipped(50, read=10_000, total=10_000, fraction=0.01)  # 0.5%: within the fraction
+    assert train.too_many_skipped(2, read=8, total=10, fraction=0.01)  # a small file: past 1% of all its data
+
+
+def test_16_two_processes_keep_in_step_when_one_has_only_unreadable_samples(tiny, bad_data, tmp_path):
+    """DDP (gloo, 2 CPU processes, one sample each per micro-batch): a process whose micro-batch held only bad
+    samples replays its last batch with weight 0, so both still meet at every gradient all-reduce (it used to
+    leave the other process waiting, or mix up the count of skips)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+           *bad_args(tiny, bad_data, out, "--max-steps", "6", "--batch-size", "1", "--max-bad-fraction", "1")]
+    run = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = metrics(out)
+    assert len(rows) == 6 and rows[-1]["skipped"] == run.stderr.count("skipped sample ") > 0
 
 
 def test_15_batch_size_0_and_demo_scenes_0_are_refused_up_front(bad_data, tmp_path):
