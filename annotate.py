@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from html import escape as esc
+from html import escape as esc  # esc(text): text made safe inside an HTML page
 from pathlib import Path
 from urllib.parse import quote
 

@@ -723,10 +723,10 @@ def template_fields(value):
 
 
 def find_media(root: str, path: str, check: bool, field: str) -> str:
-    """root/path, or root + the longest tail of `path` found under root: MultiInstruct's released image paths are
-    relative (`./raw_datasets/...`) or absolute paths on the authors' machine (`/projects/.../medic/data/...`)."""
+    """root/path, or root + the longest tail of `path` (a folder and file at least) under root: MultiInstruct's
+    image paths are relative (`./raw_datasets/...`) or absolute on the authors' machine (`/projects/.../data/...`)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    for file in [os.path.join(root, path)] + [os.path.join(root, *parts[k:]) for k in range(len(parts))]:
+    for file in [os.path.join(root, path)] + [os.path.join(root, *parts[k:]) for k in range(len(parts) - 1)]:
         if not check or os.path.exists(file):
             return file
     raise RecordError(field, f"{path}: neither it nor any tail of it is under {root} (check --media-root)")

@@ -477,7 +477,6 @@ def ask_main(args) -> dict:
     streamed to stdout (--json: one JSON object and nothing else); --chat reads further questions from stdin."""
     from transformers import TextStreamer
 
-
     boxes, video = dict(parse_box(spec) for spec in args.box), args.video is not None
     try:  # every input is read and checked before the model loads
         frames, names = ask_frames(args.image, args.video, args.num_frames)

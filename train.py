@@ -155,7 +155,7 @@ def field_value(path: str, name: str, value, kind):
         return value
     if isinstance(value, str) and base is bool:
         value = dict(true=True, yes=True, on=True, false=False, no=False, off=False).get(value.lower(), value)
-    elif isinstance(value, str) and base in (int, float) or base is float and type(value) is int:  # int 1 -> 1.0
+    elif (isinstance(value, str) and base in (int, float)) or (base is float and type(value) is int):  # 1 -> 1.0
         with suppress(ValueError):
             value = base(value)
     elif name == "data" and isinstance(value, str):

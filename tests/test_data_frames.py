@@ -142,6 +142,8 @@ def test_pyav_fallback_when_decord_is_missing(tmp_path, monkeypatch):
 
 
 ROTATED = os.path.join(os.path.dirname(__file__), "data", "rotated")  # decord's phone clips (SOURCE.md)
+UPRIGHT_QUADRANTS = {0: [[101, 111], [93, 100]], 90: [[108, 110], [76, 90]], 180: [[120, 126], [98, 107]],
+                     270: [[152, 150], [101, 90]]}
 
 
 @pytest.mark.parametrize("degrees", [0, 90, 180, 270])
@@ -154,6 +156,12 @@ def test_rotated_phone_clip_is_upright_from_both_readers(degrees, monkeypatch):
     frames, indices = data.sample_frames(path, 3)
     assert indices == [0, 1, 2]
     assert frames[0].size == ((320, 568) if degrees in (90, 270) else (568, 320))  # portrait when turned a quarter
+    # where decord is missing (macOS, aarch64), the mean grey of frame 0's four quadrants as decord 0.6.0 gives
+    # them upright: a frame turned the wrong way round has its bright top elsewhere
+    grey = np.array(frames[0].convert("L"), float)
+    h, w = grey.shape
+    quadrants = [[grey[i * h // 2:(i + 1) * h // 2, j * w // 2:(j + 1) * w // 2].mean() for j in (0, 1)] for i in (0, 1)]
+    assert np.allclose(quadrants, UPRIGHT_QUADRANTS[degrees], atol=3)
     if upright is not None:
         assert [np.array_equal(np.array(a), np.array(b)) for a, b in zip(frames, upright)] == [True] * 3
 
