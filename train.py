@@ -5,7 +5,7 @@ r"""Continuous SFT of the LLaVA-style model (INST-IT 2.4, 3.1, Tab. 6), one GPU 
     accelerate launch train.py ...        # several GPUs: DDP (tested); FSDP/DeepSpeed are not wired in
 
 A plain loop you can step through: `start_run` builds the stage's model, data mixture and optimizer (or resumes
-them); `train_step` accumulates micro-batches, clips and steps at the rate `learning_rate` gives; `log_and_checkpoint`
+them); `train_step` accumulates micro-batches, clips and steps on the `cosine_with_warmup` rate; `log_and_checkpoint`
 writes metrics.jsonl and checkpoints (weights, optimizer, RNG states, data position: `--resume` continues exactly)."""
 import argparse
 import inspect
@@ -85,15 +85,9 @@ class TrainConfig:
 
 def field_help(cls) -> dict:
     """{field: the comment beside it in `cls`'s source}: --help explains each flag in the config's own words."""
-    helps, name = {}, None
-    for line in inspect.getsource(cls).splitlines():
-        if m := re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line):
-            name, helps[m[1]] = m[1], m[2] or ""
-        elif name and (m := re.match(r"\s+#\s{2,}(.*)", line)):  # an indented comment continues the one above
-            helps[name] += " " + m[1]
-        else:
-            name = None
-    return helps
+    line = r"^[ \t]+(\w+): [^#\n]*?(?:#[ \t]*(.*))?$((?:\n[ \t]+#[ \t]{2,}.*)*)"  # + indented comments that continue it
+    return {m[1]: " ".join([m[2] or "", *re.findall(r"#[ \t]{2,}(.*)", m[3])])
+            for m in re.finditer(line, inspect.getsource(cls), re.M)}
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, dict]:
@@ -389,22 +383,20 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
         # checkpoint (they will be logged again) and one cut by the kill (data.read_json warns, naming the file)
         data.write_json(metrics, [r for r in data.read_json(metrics) if r is not None and r["step"] <= step])
     optimizer = accelerator.prepare(optimizer)
-    os.makedirs(cfg.out, exist_ok=True)
     main = accelerator.is_main_process
-    if main:
+    if main:  # write_json makes the folder: only the main process writes in it
         data.write_json(os.path.join(cfg.out, "config.json"), {"train": asdict(cfg), "model": asdict(model.cfg)})
     if cfg.report_to:  # trackers take scalars and strings only (tensorboard's hparams)
         accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in asdict(cfg).items()})
     stream = batches(dataset, sampler, model.tokenizer.pad_token_id, cfg.num_workers, micro,
                      accelerator.process_index, accelerator.num_processes)
-    name = cfg.run_name or os.path.basename(os.path.abspath(cfg.out))
     return SimpleNamespace(
-        accelerator=accelerator, model=model, wrapped=wrapped, optimizer=optimizer, groups=groups,
+        accelerator=accelerator, model=model, wrapped=wrapped, optimizer=optimizer, groups=groups, stopping=False,
         base_lr=base_lr, stream=stream, step=step, micro=micro, total=total, warmup=int(cfg.warmup_ratio * total),
         log_file=open(metrics, "a", buffering=1) if main else None,  # line-flushed
-        bar=tqdm(total=total, initial=step, desc=name, disable=not main), loss=float("nan"), stopping=False,
-        skipped=skipped, samples=len(dataset), last_batch=None)
+        bar=tqdm(total=total, initial=step, desc=cfg.run_name or os.path.basename(os.path.abspath(cfg.out)),
+                 disable=not main), loss=float("nan"), skipped=skipped, samples=len(dataset), last_batch=None)
 
 
 def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str):
@@ -417,11 +409,6 @@ def check_resume(saved: dict, cfg: TrainConfig, overrides: dict, checkpoint: str
         said = [", ".join(f"--{k.replace('_', '-')} {v[i]}" for k, v in changed.items()) for i in (0, 1)]
         raise SystemExit(f"{checkpoint} was saved with {said[0]}; resume it with the same, not {said[1]}"
                          + ("" if fixed else " (or allow that with --resume-changes)"))
-
-
-def learning_rate(run, name: str) -> float:
-    """The learning rate of parameter group `name` at the run's current step (cosine_with_warmup x its base)."""
-    return run.base_lr[name] * cosine_with_warmup(run.step, run.total, run.warmup)
 
 
 def too_many_skipped(skipped: int, read: int, total: int, fraction: float) -> bool:
@@ -465,8 +452,8 @@ def train_step(run, cfg: TrainConfig) -> dict:
         raise SystemExit(f"step {run.step + 1}: all samples of its {cfg.grad_accum} micro-batches were dropped "
                          f"(longer than --max-length {cfg.max_length}? see the warnings above): nothing to learn")
     grad_norm = accelerator.clip_grad_norm_([p for ps in run.groups.values() for p in ps], cfg.max_grad_norm)
-    for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(run, group["name"])
+    for group in run.optimizer.param_groups:  # each part's base rate on the schedule, at this step
+        group["lr"] = run.base_lr[group["name"]] * cosine_with_warmup(run.step, run.total, run.warmup)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -489,9 +476,9 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
         run.log_file.write(json.dumps(record) + "\n")
         if cfg.report_to:
             accelerator.log(record, step=run.step)
-    run.stopping = stop["signal"] is not None
-    if accelerator.num_processes > 1:  # all processes stop at the same step, or the others hang in all-reduce
-        run.stopping = bool(accelerator.reduce(torch.tensor(float(run.stopping), device=accelerator.device), "max"))
+    # all processes stop at the same step, or the others hang in all-reduce (one process: the value itself)
+    run.stopping = bool(accelerator.reduce(torch.tensor(float(stop["signal"] is not None), device=accelerator.device),
+                                           "max"))
     if run.step % cfg.save_every == 0 or run.stopping:
         states = gather_object([rng_states()])  # every process's RNG, so a multi-GPU resume is exact too
         if accelerator.is_main_process:
