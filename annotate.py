@@ -1,7 +1,6 @@
 """The INST-IT annotation pipeline (INST-IT 2.1, App. A.2) and a Syphus-style generator (MIMIC-IT 3.2).
 
-Frames with Set-of-Marks drawn by `som.render_som` go through three GPT stages, written out in the INST-IT
-dataset format (FORMATS.md):
+SoM frames (`som.render_som`) go through three GPT stages, written out in the INST-IT dataset format (FORMATS.md):
     annotate_frame   Y_t^f = GPT(P^f,   X_t, X_{t-1})        (Eq. 1) instance, image and change captions
     summarize_video  Y^vid = GPT(P^vid, [Y_1^f ... Y_N^f])   (Eq. 2) one chronological video caption
     generate_qa      Y^qa  = GPT(P^qa,  [Y_1^f ... Y_N^f])   (Eq. 3) open-ended question-answer pairs
@@ -11,8 +10,7 @@ dataset, the client (`LLMClient`, shared with evaluate.py's judge), the command 
     python annotate.py --input IN.json --media-root DIR --out OUT.json --base-url URL --model NAME
     python annotate.py review OUT.json    # OUT.html: each SoM frame beside its annotations
     python annotate.py syphus --input OUT.json --out PAIRS.json --base-url URL --model NAME [--languages ...]
-OUT.json sits beside OUT.cache.jsonl (every answer, so a re-run pays nothing twice) and OUT_som/ (its frames).
-"""
+OUT.json sits beside OUT.cache.jsonl (every answer, so a re-run pays nothing twice) and OUT_som/ (its frames)."""
 import argparse
 import base64
 import contextlib
@@ -175,9 +173,8 @@ def _from_annotations(client, system, frame_annotations, key, schema, check, nam
     """Eq. 2 and 3: frame annotations as text -> answer[key], passing `check(answer[key], their [ID]s, their <t>s)`."""
     text = annotations_text(frame_annotations)
     ids, times = refs(text)[0], {f["timestamp"] for f in frame_annotations}
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-    answer = client.complete_json(messages, schema_object(**{key: schema}), lambda a: check(a[key], ids, times), name)
-    return answer[key]
+    return client.complete_json([{"role": "system", "content": system}, {"role": "user", "content": text}],
+                                schema_object(**{key: schema}), lambda a: check(a[key], ids, times), name)[key]
 
 
 def summarize_video(client, frame_annotations):
@@ -273,8 +270,7 @@ def read_dataset(path, media_root=None):
             frames = record_frames(rec)[1]
         except KeyError as e:
             raise ValueError(f"{path}: {record_name(rec)} has no {e}: is it annotate.py's OUT.json?") from None
-        missing = [p for _, p in frames if media_root and not (Path(media_root) / p).is_file()]
-        if missing:
+        if missing := [p for _, p in frames if media_root and not (Path(media_root) / p).is_file()]:
             raise ValueError(f"{Path(media_root) / missing[0]}: SoM frame of {record_name(rec)} not found; "
                              "--media-root is the folder the OUT.json's paths are relative to")
     return records
@@ -302,8 +298,7 @@ def load_frames(rec, media_root, num_frames):
     source = Path(media_root) / rec["video_path"]
     if source.is_dir():
         names = rec.get("frames") or sorted(segs, key=natural_key)
-        missing = [n for n in names if not (source / n).is_file()]
-        if missing or not names:
+        if (missing := [n for n in names if not (source / n).is_file()]) or not names:
             raise ValueError(f"{source / (missing or ['?'])[0]}: frame not found ({len(missing)} of {len(names)} "
                              "listed frames missing)")
         images, index = data.sample_frames([str(source / n) for n in names], num_frames)
@@ -424,9 +419,8 @@ def _read_jsonl(path):
 
 class LLMClient:
     """One OpenAI-compatible chat client (OpenAI, vLLM, Ollama, llama.cpp through the `openai` SDK, which retries
-    429, 5xx and timeouts). Every answer and failure is cached by `key` in an append-only JSONL, so a re-run sends
-    only what is missing; `batch_file` collects those for the Batch API instead. The API key comes from
-    OPENAI_API_KEY and is never printed or written."""
+    429, 5xx and timeouts). Every answer and failure is cached by `key` in an append-only JSONL: a re-run sends only
+    what is missing (`batch_file`: collected for the Batch API). API key: OPENAI_API_KEY, never printed or written."""
 
     def __init__(self, base_url, model, cache_path=None, *, json_mode=False, max_retries=5, timeout=120.0,
                  answer_retries=2, image_detail="auto", max_image_side=768, price_per_mtok=(2.5, 10.0),
@@ -599,12 +593,10 @@ def client_from_args(args, cache_path):
 def _report(out, written, failures, client):
     """Print what a run did -> exit code: 1 if a record failed (a re-run retries it), else 0."""
     print(f"{out}: {written} records written; {client.progress()}")
-    pending = [n for n, e in failures.items() if isinstance(e, BatchPending)]
-    if pending:
+    if pending := [n for n, e in failures.items() if isinstance(e, BatchPending)]:
         print(f"{len(pending)} records wait for batch answers: submit {client.batch_file} to the Batch API, then "
               "re-run with --batch-results <its output JSONL>")
-    failed = [f"FAILED {n}: {e}" for n, e in failures.items() if n not in pending]
-    if failed:
+    if failed := [f"FAILED {n}: {e}" for n, e in failures.items() if n not in pending]:
         print("\n".join(failed) + f"\n{len(failed)} records failed; re-run the same command to retry them "
               f"(answers received are cached in {client.cache_path})", file=sys.stderr)
     return 1 if failed else 0
