@@ -272,9 +272,8 @@ class MixtureSampler(torch.utils.data.Sampler):
 
 
 def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, world=1):
-    """Endless micro-batches from number `start` on (a resume skips indices without loading them), each process
-    taking every world-th sample of a global batch: data.collate's batch (absent if all were dropped or bad), "ids"
-    and "bad" (SkipUnreadable's messages)."""
+    """Endless micro-batches from number `start` on (a resume skips indices unread), each process taking every world-th
+    sample of a global batch: data.collate's batch (absent if all dropped or bad), "ids", "bad" (SkipUnreadable)."""
     def collate(samples):
         good = [s for s in samples if s is not None and "bad" not in s]
         return {**(data.collate(good, pad_token_id) or {}), "ids": [f"{s['source']}: {s['id']}" for s in good],
@@ -332,8 +331,8 @@ def set_rng_states(states):
 
 def latest_checkpoint(out: str) -> str | None:
     """A run's folder -> its newest complete checkpoint-N folder, or None."""
-    names = os.listdir(out) if os.path.isdir(out) else []
-    steps = [d for d in names if re.fullmatch(r"checkpoint-\d+", d)]  # not .tmp, nor a checkpoint-final of yours
+    # checkpoint-N folders only: not .tmp, nor a checkpoint-final of yours
+    steps = [d for d in (os.listdir(out) if os.path.isdir(out) else []) if re.fullmatch(r"checkpoint-\d+", d)]
     return os.path.join(out, max(steps, key=lambda d: int(d.split("-")[1]))) if steps else None
 
 
