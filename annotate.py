@@ -215,9 +215,8 @@ def syphus_messages(task, where="task"):
 
 def syphus(client, task, context, ids, timestamps=None):
     """MIMIC-IT 3.2 (Syphus): a task (see syphus_messages) + annotations as text -> [{"instruction", "answer"}]."""
-    messages = syphus_messages(task) + [{"role": "user", "content": context}]
-    answer = client.complete_json(messages, _PAIRS, lambda a: _check_pairs(a["pairs"], ids, timestamps),
-                                  "syphus_pairs")
+    answer = client.complete_json(syphus_messages(task) + [{"role": "user", "content": context}], _PAIRS,
+                                  lambda a: _check_pairs(a["pairs"], ids, timestamps), "syphus_pairs")
     return [{k: data.normalize_text(v) for k, v in pair.items()} for pair in answer["pairs"]]
 
 
@@ -313,8 +312,7 @@ def load_frames(rec, media_root, num_frames):
 
 
 def visible_instances(entries, size, where):
-    """{instance ID: {"mask": RLE} | {"box": [...]} | {"polygon": [...]}} -> {int ID: entry} without empty ones:
-    an instance absent from a frame gets no mark there, so naming its [ID] there is an error."""
+    """{ID: {"mask"|"box"|"polygon": ...}} -> {int ID: entry} minus empties (unmarked: naming an [ID] is an error)."""
     try:
         return {int(i): e for i, e in entries.items() if instance_mask(e, size, i).any()}
     except ValueError as e:
@@ -512,8 +510,8 @@ class LLMClient:
                     self._batched.add(key)
                 raise BatchPending(f"waiting for the batch answer of request {key[:12]}")
         try:
-            raw = self.sdk.chat.completions.with_raw_response.create(**body)  # the SDK's retries still apply
-            return self._accept(key, json.loads(raw.text))  # plain JSON: no pydantic parse and dump per answer
+            # the SDK's retries still apply; its raw text is plain JSON: no pydantic parse and dump per answer
+            return self._accept(key, json.loads(self.sdk.chat.completions.with_raw_response.create(**body).text))
         except (openai.OpenAIError, ValueError, LLMError) as e:  # ValueError: a response body that is not JSON
             reason = f"{type(e).__name__}: {e}"
             reason = reason.replace(self._key, "***") if self._key else reason
@@ -652,8 +650,7 @@ def syphus_main(argv):
 
 
 def review(out_json):
-    """`annotate.py review OUT.json` -> OUT.html, each SoM frame beside its annotations (INST-IT 2.1's human
-    check); all annotation text is HTML-escaped."""
+    """OUT.json -> OUT.html, each SoM frame beside its annotations (HTML-escaped; INST-IT 2.1's human check)."""
     page = ["<!doctype html><meta charset='utf-8'><title>INST-IT annotations</title>"
             "<style>td{vertical-align:top;padding:6px}img{max-width:420px}</style>"]
     for rec in read_dataset(out_json):
