@@ -287,10 +287,9 @@ def llava_layout(path: str, tower: str | None = None) -> tuple[dict, object, obj
         raise ValueError(f"{path}: several vision feature layers {llava.vision_feature_layer} are not supported")
     layout = {} if llava.model_type == "llava" else dict(
         image_grid_pinpoints=[list(p) for p in llava.image_grid_pinpoints], multi_image="anyres")
-    if llava.model_type == "llava_onevision":  # videos: 2x2 bilinear after the projector, then a newline
+    if llava.model_type == "llava_onevision":  # videos: ModelConfig's 2x2 bilinear after the projector, then a newline
         max_tiles = re.fullmatch(r"anyres_max_(\d+)", llava.vision_aspect_ratio)
-        layout.update(anyres_max=int(max_tiles[1]) if max_tiles else 0, multi_image="tile", video_newline=True,
-                      pool_position="after", pool_mode="bilinear", pool_stride=2)
+        layout.update(anyres_max=int(max_tiles[1]) if max_tiles else 0, multi_image="tile", video_newline=True)
     return (dict(vision_model=path, vision_feature_layer=llava.vision_feature_layer,
                  vision_feature_select_strategy=llava.vision_feature_select_strategy, **layout),
             llava.vision_config, llava.text_config)
@@ -301,10 +300,9 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
     publishes its models) -> (ModelConfig fields, vision config, text config).
 
     The tower's config and image normalisation come from `tower`, its weights from the checkpoint; a SigLIP tower is
-    cut as that code cuts it (last layer and head deleted: features are the last kept layer's). Grid pinpoints there
-    are (width, height), or "(1x1),...,(6x6)" in tower images. Videos keep ModelConfig's defaults (2x2 bilinear after
-    the projector, no newline), as INST-IT's bench runs these checkpoints: it overrides their mm_spatial_pool_* and
-    mm_newline_position. Multi-image samples keep INST-IT's pooled images too."""
+    cut as that code cuts it (last layer and head deleted). Grid pinpoints there are (width, height), or
+    "(1x1),...,(6x6)" in tower images. Videos and multi-image samples keep ModelConfig's defaults, as INST-IT's bench
+    runs these checkpoints (overriding their mm_spatial_pool_* and mm_newline_position)."""
     from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
     architecture = (config.get("architectures") or [config.get("model_type")])[0]
@@ -323,10 +321,9 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
     try:
         vision = AutoConfig.from_pretrained(tower)
     except (OSError, ValueError) as e:
-        raise OSError(f"{path}: no config for its vision tower {tower!r} (config.json's mm_vision_tower), neither a "
-                      f"folder nor a hub ID in reach ({type(e).__name__}); give a folder or hub ID holding the tower's "
-                      "config.json and preprocessor_config.json as vision_model (train.py --vision-model) or as "
-                      "mm_vision_tower in config.json") from None
+        raise OSError(f"{path}: no config for its vision tower {tower!r} (config.json's mm_vision_tower): no folder, "
+                      f"no hub ID in reach ({type(e).__name__}); give a folder or hub ID with the tower's config and "
+                      "image processor as vision_model (train.py --vision-model) or as mm_vision_tower") from None
     vision = getattr(vision, "vision_config", vision)
     siglip = vision.model_type == "siglip_vision_model"
     if siglip:
@@ -640,16 +637,17 @@ class LlavaStyleModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
                  image_sizes=None, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0, streamer=None):
-        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS;
+        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy, sampled, or with do_sample=None
+        as the checkpoint's generation config says (INST-IT's bench passes no sampling arguments), ending at EOS;
         a transformers `streamer` (TextStreamer) receives the tokens as they come."""
         vocab = self.tokenizer.get_vocab()
         eos = [self.tokenizer.eos_token_id] + [vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab]
-        sampling = (dict(temperature=temperature, top_p=top_p) if do_sample
-                    else dict(temperature=None, top_p=None, top_k=None))
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {} if do_sample is None
+                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         with self.autocast():
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled, image_sizes)
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                    max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
+                                    max_new_tokens=max_new_tokens, eos_token_id=eos,
                                     pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **sampling)
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -4,13 +4,14 @@ renamed into the original names, its vision tower's config in a folder that mm_v
 must give that model's logits."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import (CLIPImageProcessor, GenerationConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextImageProcessorPil, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          LlavaOnevisionImageProcessorPil, SiglipImageProcessor)
+                          LlavaOnevisionImageProcessorPil, SiglipImageProcessorPil)
 
 from conftest import make_tokenizer, text_config, vision_config
 from model import LlavaStyleModel, num_visual_tokens
@@ -49,8 +50,8 @@ def write_original(folder, reference, tokenizer, tower, **fields):
 def original(tmp_path_factory):
     """"clip": a Vicuna-style LLaVA-NeXT (CLIP, Llama) with AnyRes grids given as (width, height) and a generation
     config; "siglip": a OneVision-style one (SigLIP of 4 layers, the checkpoint holding 3; Qwen2 with rope_theta
-    1e6) with "(1x1),...,(2x2)" grids and anyres_max_2. Each with its transformers twin and the
-    twin's image processor."""
+    1e6) with "(1x1),...,(2x2)" grids and anyres_max_2. Each as (path, its transformers twin, the twin's image
+    processor)."""
     torch.manual_seed(0)
     root, tokenizer, out = tmp_path_factory.mktemp("original"), make_tokenizer(), {}
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -58,7 +59,7 @@ def original(tmp_path_factory):
     vision_config("clip").save_pretrained(clip_tower)
     CLIPImageProcessor(image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(clip_tower)
     vision_config("siglip").save_pretrained(siglip_tower)
-    SiglipImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(siglip_tower)
+    SiglipImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(siglip_tower)
 
     next_ref = LlavaNextForConditionalGeneration(LlavaNextConfig(
         vision_config=vision_config("clip"), text_config=text_config("llama", len(tokenizer)),
@@ -103,6 +104,11 @@ def test_original_layout_gives_the_transformers_logits(original, kind, sizes, tm
     assert (a.logits - b.logits).abs().max() <= 1e-4 and abs(a.loss - b.loss) <= 1e-4
     if kind == "clip":  # the authors decode with the checkpoint's generation config; a trained copy reloads
         assert (ours.lm.generation_config.temperature, ours.lm.generation_config.top_p) == (0.2, 0.7)
+        text = torch.tensor([[1, 20, 21, 30]])
+        greedy = ours.generate(text, max_new_tokens=8)
+        torch.manual_seed(0)
+        assert not torch.equal(ours.generate(text, max_new_tokens=8, do_sample=None), greedy)  # sampled as it says
+        assert torch.equal(ours.generate(text, max_new_tokens=8), greedy)
         ours.save_pretrained(str(tmp_path))
         again = LlavaStyleModel.from_pretrained(str(tmp_path), device="cpu").eval()
         with torch.no_grad():
@@ -111,18 +117,14 @@ def test_original_layout_gives_the_transformers_logits(original, kind, sizes, tm
         assert (c.logits - b.logits).abs().max() <= 1e-5
 
 
-def test_unsupported_language_model_layout_and_unreachable_tower_are_refused(original, tmp_path):
-    config = json.loads(open(f"{original['clip'][0]}/config.json").read())
-    (tmp_path / "mistral").mkdir()
-    (tmp_path / "mistral" / "config.json").write_text(json.dumps(dict(config, architectures=["LlavaMistralForCausalLM"],
-                                                                      model_type="llava_mistral")))
-    with pytest.raises(ValueError, match="'LlavaMistralForCausalLM' checkpoint .* LlavaLlamaForCausalLM"):
-        LlavaStyleModel.from_pretrained(str(tmp_path / "mistral"), device="cpu")
-    (tmp_path / "flat").mkdir()  # AnyRes tiles without unpadding and image_newline: not LLaVA-NeXT's convention
-    (tmp_path / "flat" / "config.json").write_text(json.dumps(dict(config, mm_patch_merge_type="flat")))
-    with pytest.raises(ValueError, match="'mm_patch_merge_type': 'flat'.* image_aspect_ratio 'anyres' is not"):
-        LlavaStyleModel.from_pretrained(str(tmp_path / "flat"), device="cpu")
-    (tmp_path / "away").mkdir()
-    (tmp_path / "away" / "config.json").write_text(json.dumps(dict(config, mm_vision_tower="/mnt/gone/clip-336")))
-    with pytest.raises(OSError, match="'/mnt/gone/clip-336' .*mm_vision_tower.* as vision_model"):
-        LlavaStyleModel.from_pretrained(str(tmp_path / "away"), device="cpu")
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(architectures=["LlavaMistralForCausalLM"], model_type="llava_mistral"), ValueError,
+     "'LlavaMistralForCausalLM' checkpoint .* LlavaLlamaForCausalLM"),
+    (dict(mm_patch_merge_type="flat"), ValueError,  # AnyRes tiles without unpadding nor image_newline
+     "'mm_patch_merge_type': 'flat'.* image_aspect_ratio 'anyres' is not supported"),
+    (dict(mm_vision_tower="/mnt/gone/clip-336"), OSError, "'/mnt/gone/clip-336' .*mm_vision_tower.* as vision_model")])
+def test_unsupported_checkpoints_and_unreachable_towers_are_refused(original, tmp_path, changes, error, message):
+    config = json.loads(Path(original["clip"][0], "config.json").read_text())
+    Path(tmp_path, "config.json").write_text(json.dumps(dict(config, **changes)))
+    with pytest.raises(error, match=message):
+        LlavaStyleModel.from_pretrained(str(tmp_path), device="cpu")
