@@ -5,7 +5,8 @@ Read top to bottom as data flows: `ModelConfig` and `num_visual_tokens` (tokens 
 parts, `LlavaStyleModel.forward` (features fill the `<image>` positions data.py expanded), generation, saving, merging.
 
 Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; transformers' LLaVA-1.5, LLaVA-NeXT and
-LLaVA-OneVision checkpoints are adopted with `LlavaStyleModel.from_llava_hf`."""
+LLaVA-OneVision checkpoints, and LLaVA-NeXT's original layout (INST-IT's released models), are adopted with
+`LlavaStyleModel.from_llava_hf`."""
 import itertools
 import json
 import logging
@@ -170,11 +171,13 @@ class Projector(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Loading the parts. A LLaVA checkpoint is read with key mappings, so the same loaders serve both routes.
 
-LLAVA_KEYS = {  # llava-hf checkpoints, old layout ("language_model.model.*") and transformers 5 layout
-    "vision": {r"^(model\.)?vision_tower\.": ""},
+LLAVA_KEYS = {  # llava-hf checkpoints (old "language_model.model.*" and transformers 5 layouts) and LLaVA-NeXT's
+    #             original layout (model.vision_tower.vision_tower.*, model.mm_projector.0/.2, the LM's own names)
+    "vision": {r"^(model\.)?(vision_tower\.)+": ""},
     "language": {r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head.",
                  r"^model\.language_model\.": "model."},
-    "projector": r"^(model\.)?(multi_modal_projector\.)?(?=linear_\d\.|image_newline$)",
+    "projector": {r"^(model\.)?(multi_modal_projector\.)?(?=linear_\d\.|image_newline$)": "",
+                  r"^model\.mm_projector\.0\.": "linear_1.", r"^model\.mm_projector\.2\.": "linear_2."},
 }
 ADOPTED = ("llava", "llava_next", "llava_onevision")  # transformers model types from_llava_hf adopts
 
@@ -244,8 +247,8 @@ def load_language_model(path: str, cfg: ModelConfig, dtype, device, config=None,
                                   device_map={"": device}, key_mapping=key_mapping)
 
 
-def checkpoint_tensors(path: str, prefix: str) -> dict:
-    """Tensors of a (sharded) safetensors checkpoint whose names match `prefix`, with it stripped."""
+def checkpoint_tensors(path: str, mapping: dict) -> dict:
+    """Tensors of a (sharded) safetensors checkpoint whose names match a pattern of `mapping`, renamed by it."""
     from safetensors import safe_open
     from transformers.utils import cached_file
 
@@ -254,7 +257,8 @@ def checkpoint_tensors(path: str, prefix: str) -> dict:
     out = {}
     for shard in shards:
         with safe_open(cached_file(path, shard), "pt") as f:
-            out.update({key[m.end():]: f.get_tensor(key) for key in f.keys() if (m := re.match(prefix, key))})
+            out.update({re.sub(p, new, key): f.get_tensor(key) for key in f.keys()
+                        for p, new in mapping.items() if re.match(p, key)})
     return out
 
 
@@ -265,9 +269,79 @@ def missing_folder(path: str | None) -> str | None:
         return None if Path(path).expanduser().is_dir() else f"{path}: no such folder"
 
 
+def llava_layout(path: str, tower: str | None = None) -> tuple[dict, object, object]:
+    """A LLaVA checkpoint -> (ModelConfig fields, vision config, text config): transformers' Llava, LlavaNext or
+    LlavaOnevision with its class's conventions for videos and multi-image samples, or LLaVA-NeXT's original layout,
+    known by config.json's mm_vision_tower (original_layout; `tower` replaces that field)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(path)
+    if "mm_vision_tower" in config:
+        return original_layout(path, config, tower or config["mm_vision_tower"])
+    llava = AutoConfig.from_pretrained(path)
+    if llava.model_type not in ADOPTED:
+        raise ValueError(f"{path}: a {llava.model_type!r} checkpoint ({', '.join(llava.architectures or [])}) is not "
+                         "supported; model.py adopts transformers' Llava, LlavaNext and LlavaOnevision "
+                         "ForConditionalGeneration checkpoints and LLaVA-NeXT's original layout (mm_vision_tower)")
+    if not isinstance(llava.vision_feature_layer, int):
+        raise ValueError(f"{path}: several vision feature layers {llava.vision_feature_layer} are not supported")
+    layout = {} if llava.model_type == "llava" else dict(
+        image_grid_pinpoints=[list(p) for p in llava.image_grid_pinpoints], multi_image="anyres")
+    if llava.model_type == "llava_onevision":  # videos: ModelConfig's 2x2 bilinear after the projector, then a newline
+        max_tiles = re.fullmatch(r"anyres_max_(\d+)", llava.vision_aspect_ratio)
+        layout.update(anyres_max=int(max_tiles[1]) if max_tiles else 0, multi_image="tile", video_newline=True)
+    return (dict(vision_model=path, vision_feature_layer=llava.vision_feature_layer,
+                 vision_feature_select_strategy=llava.vision_feature_select_strategy, **layout),
+            llava.vision_config, llava.text_config)
+
+
+def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, object]:
+    """config.json of a checkpoint in LLaVA-NeXT's original layout (LLaVA-VL/LLaVA-NeXT's code, in which INST-IT
+    publishes its models) -> (ModelConfig fields, vision config, text config).
+
+    The tower's config and image normalisation come from `tower`, its weights from the checkpoint; a SigLIP tower is
+    cut as that code cuts it (last layer and head deleted). Grid pinpoints there are (width, height), or
+    "(1x1),...,(6x6)" in tower images. Videos and multi-image samples keep ModelConfig's defaults, as INST-IT's bench
+    runs these checkpoints (overriding their mm_spatial_pool_* and mm_newline_position)."""
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config
+
+    architecture = (config.get("architectures") or [config.get("model_type")])[0]
+    text_class = {"LlavaLlamaForCausalLM": LlamaConfig, "LlavaQwenForCausalLM": Qwen2Config}.get(architecture)
+    if text_class is None:
+        raise ValueError(f"{path}: a {architecture!r} checkpoint in LLaVA-NeXT's original layout is not supported; "
+                         "model.py adopts its LlavaLlamaForCausalLM and LlavaQwenForCausalLM (Vicuna, Qwen2)")
+    anyres = re.fullmatch(r"anyres(_max_(\d+))?", config.get("image_aspect_ratio", "pad"))
+    merging = dict(mm_projector_type="linear", mm_vision_select_feature="patch", mm_patch_merge_type="flat")
+    merging = {k: config.get(k, default) for k, default in merging.items()}  # unset: the original code's defaults
+    if merging != dict(mm_projector_type="mlp2x_gelu", mm_vision_select_feature="patch",
+                       mm_patch_merge_type="spatial_unpad" if anyres else "flat"):
+        raise ValueError(f"{path}: {merging} with image_aspect_ratio {config.get('image_aspect_ratio')!r} is not "
+                         "supported; model.py adopts an mlp2x_gelu projector on patch features, and anyres[_max_N] "
+                         "images with spatial_unpad or pad ones with flat")
+    try:
+        vision = AutoConfig.from_pretrained(tower)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{path}: no config for its vision tower {tower!r} (config.json's mm_vision_tower): no folder, "
+                      f"no hub ID in reach ({type(e).__name__}); give a folder or hub ID with the tower's config and "
+                      "image processor as vision_model (train.py --vision-model) or as mm_vision_tower") from None
+    vision = getattr(vision, "vision_config", vision)
+    siglip = vision.model_type == "siglip_vision_model"
+    if siglip:
+        vision.num_hidden_layers, vision.vision_use_head = vision.num_hidden_layers - 1, False
+    side, pinpoints = vision.image_size, config.get("image_grid_pinpoints") or []
+    if isinstance(pinpoints, str):  # every grid from the first to the last, e.g. (1x1) to (6x6)
+        grids = [(int(w), int(h)) for w, h in re.findall(r"\((\d+)x(\d+)\)", pinpoints)]
+        pinpoints = [[w * side, h * side] for w in range(grids[0][0], grids[-1][0] + 1)
+                     for h in range(grids[0][1], grids[-1][1] + 1)]
+    return (dict(vision_model=tower, vision_feature_layer=-1 if siglip else config.get("mm_vision_select_layer", -2),
+                 anyres_max=int(anyres[2] or 0) if anyres else 0,
+                 image_grid_pinpoints=[[h, w] for w, h in pinpoints] if anyres else None),
+            vision, text_class(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")}))
+
+
 def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel":
     """Load vision encoder, projector and causal LM per `cfg`; freeze, quantize and wrap them per `cfg`."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.load_in_4bit and cfg.lm_training == "full":
@@ -279,16 +353,16 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     dtype = resolve_dtype(cfg.dtype)
     if cfg.llava_checkpoint:
-        llava = AutoConfig.from_pretrained(cfg.llava_checkpoint)
-        vision = load_vision(cfg.llava_checkpoint, dtype, llava.vision_config, LLAVA_KEYS["vision"])
-        lm = load_language_model(cfg.llava_checkpoint, cfg, dtype, device, llava.text_config, LLAVA_KEYS["language"])
+        _, vision_config, text_config = llava_layout(cfg.llava_checkpoint, cfg.vision_model)
+        vision = load_vision(cfg.llava_checkpoint, dtype, vision_config, LLAVA_KEYS["vision"])
+        lm = load_language_model(cfg.llava_checkpoint, cfg, dtype, device, text_config, LLAVA_KEYS["language"])
         projector_state = checkpoint_tensors(cfg.llava_checkpoint, LLAVA_KEYS["projector"])
     else:
         vision = load_vision(cfg.vision_model, dtype)
         lm = load_language_model(cfg.language_model, cfg, dtype, device)
         projector_state = None
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llava_checkpoint or cfg.language_model)
-    mean, std = image_normalization(cfg.llava_checkpoint or cfg.vision_model)
+    mean, std = image_normalization(cfg.vision_model)
     cfg = replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
     return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state).to_device(device)
 
@@ -345,8 +419,7 @@ class LlavaStyleModel(nn.Module):
         if len(tok) > old:
             lm.resize_token_embeddings(len(tok), mean_resizing=False)
             for emb in (lm.get_input_embeddings(), lm.get_output_embeddings()):
-                with torch.no_grad():
-                    emb.weight[old:] = emb.weight[:old].mean(0)
+                emb.weight.data[old:] = emb.weight.data[:old].mean(0)
         return tok.convert_tokens_to_ids(self.cfg.image_token)
 
     def _prepare_language_model(self, lm):
@@ -564,16 +637,17 @@ class LlavaStyleModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, visual_frames=None, visual_pooled=None,
                  image_sizes=None, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0, streamer=None):
-        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy or sampled, ending at EOS;
+        """Left-padded prompts (B, L) -> new token ids (B, <= max_new_tokens), greedy, sampled, or with do_sample=None
+        as the checkpoint's generation config says (INST-IT's bench passes no sampling arguments), ending at EOS;
         a transformers `streamer` (TextStreamer) receives the tokens as they come."""
         vocab = self.tokenizer.get_vocab()
         eos = [self.tokenizer.eos_token_id] + [vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab]
-        sampling = (dict(temperature=temperature, top_p=top_p) if do_sample
-                    else dict(temperature=None, top_p=None, top_k=None))
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {} if do_sample is None
+                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         with self.autocast():
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled, image_sizes)
             return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                    max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos,
+                                    max_new_tokens=max_new_tokens, eos_token_id=eos,
                                     pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **sampling)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -596,7 +670,7 @@ class LlavaStyleModel(nn.Module):
     def from_pretrained(cls, path: str, device: str | None = None, strict: bool = True,
                         **overrides) -> "LlavaStyleModel":
         """Rebuild from a save_pretrained folder (base weights from the config's paths, trained tensors from
-        the folder); a folder holding a llava-hf checkpoint goes to from_llava_hf. `overrides` change the
+        the folder); a folder holding a LLaVA checkpoint goes to from_llava_hf. `overrides` change the
         config (e.g. a later training stage); strict=False lets parameters the folder lacks start fresh."""
         config_file = Path(path, "model_config.json")
         if not config_file.exists():  # e.g. written by merge_to_llava_hf
@@ -631,29 +705,13 @@ class LlavaStyleModel(nn.Module):
     @classmethod
     def from_llava_hf(cls, path_or_id: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
         """Adopt a transformers LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint (llava-hf/llava-1.5-7b-hf,
-        llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf), with its vision feature layer,
-        select strategy, AnyRes grids and its class's conventions for videos and multi-image samples."""
-        from transformers import AutoConfig
-
+        llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf) or one in LLaVA-NeXT's original
+        layout (Inst-IT/LLaVA-Next-Inst-It-Vicuna-7B), with its vision feature layer, select strategy and AnyRes
+        grids (llava_layout)."""
         if problem := missing_folder(path_or_id):  # from_pretrained sends a folder without model_config.json here
             raise FileNotFoundError(problem)
-        llava = AutoConfig.from_pretrained(path_or_id)
-        if llava.model_type not in ADOPTED:
-            raise ValueError(f"{path_or_id}: a {llava.model_type!r} checkpoint ({', '.join(llava.architectures or [])})"
-                             " is not supported; model.py adopts transformers' Llava, LlavaNext and LlavaOnevision "
-                             "ForConditionalGeneration checkpoints")
-        if not isinstance(llava.vision_feature_layer, int):
-            raise ValueError(f"{path_or_id}: several vision feature layers {llava.vision_feature_layer} "
-                             "are not supported")
-        layout = {} if llava.model_type == "llava" else dict(
-            image_grid_pinpoints=[list(p) for p in llava.image_grid_pinpoints], multi_image="anyres")
-        if llava.model_type == "llava_onevision":  # videos: 2x2 bilinear after the projector, then a newline
-            max_tiles = re.fullmatch(r"anyres_max_(\d+)", llava.vision_aspect_ratio)
-            layout.update(anyres_max=int(max_tiles[1]) if max_tiles else 0, multi_image="tile", video_newline=True,
-                          pool_position="after", pool_mode="bilinear", pool_stride=2)
-        cfg = ModelConfig(vision_model=path_or_id, language_model=path_or_id, llava_checkpoint=path_or_id,
-                          vision_feature_layer=llava.vision_feature_layer,
-                          vision_feature_select_strategy=llava.vision_feature_select_strategy, **layout)
+        layout, _, _ = llava_layout(path_or_id, overrides.get("vision_model"))
+        cfg = ModelConfig(language_model=path_or_id, llava_checkpoint=path_or_id, **layout)
         return build_model(replace(cfg, **overrides), device)
 
     def merge_to_llava_hf(self, out_dir: str):
