@@ -47,22 +47,19 @@ INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
     "image_mc": (
         "Based on the image, select the best answer to the following multiple-choice question. In both the question "
         "and options, specific objects are represented using the format [ID] (e.g., '[1]'', '[2]''. Respond with "
-        "only the letter (A, B, C, or D) of the correct option.",
-        "The best answer is: "),
+        "only the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
     "image_oe": (
         "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
         "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
         "References: In the image, each object has a unique ID. Use this ID in your response to specify objects, "
         "formatted as [ID] for a single object (e.g., “[8]”) or as [ID1] [ID2] ... for multiple objects, such as "
         "“[3] [4] [5]”. Avoid commas, ranges, or phrases like “[1, 2, 3]” or “[1] to [3]”. The IDs in the images and "
-        "questions match directly.",
-        "Based on the input image, please answer the question: "),
+        "questions match directly.", "Based on the input image, please answer the question: "),
     "video_mc": (
         "Based on the video, select the best answer to the following multiple-choice question. In both the question "
         'and options, specific objects are represented using the format [ID] (e.g., "[1]", "[2]"), and time '
         'references are shown using the format <timestamp> (e.g., "at <6>" or "during <7>-<8>"). Respond with only '
-        "the letter (A, B, C, or D) of the correct option.",
-        "The best answer is: "),
+        "the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
     "video_oe": (
         "# Task Definition:\nYou are an expert in video analysis. In this task, you will receive a series of frames "
         "as a video, and your task is to answer the given questions based on the video content.\n# Input Format:\n"
@@ -160,8 +157,8 @@ def extract_choice(response: str, options) -> str | None:
 
 def instit_choice(response: str) -> str | None:
     """Free-form answer -> the letter the authors' extract_characters_regex takes, or None: the first capital A-D
-    once INSTIT_ANSWER_PREFIXES are deleted, wherever it stands ("Based on [1] ..." chose B). Their rule for answers
-    over 10 words returns no letter only where there is none, so it changes nothing."""
+    once INSTIT_ANSWER_PREFIXES are deleted, wherever it stands ("Based on the image, ..." chose B). Their rule for
+    answers over 10 words returns no letter only where there is none, so it changes nothing."""
     for prefix in INSTIT_ANSWER_PREFIXES:
         response = response.replace(prefix, "")
     letter = re.search("[ABCD]", response)
@@ -443,7 +440,7 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
         model.cfg = dataclasses.replace(model.cfg, **INSTIT_MODEL)
         num_frames, max_new_tokens, config = None, 128, model.lm.generation_config  # num_frames None: every frame
         system = None if model.tokenizer.chat_template else VICUNA_V1_SYSTEM
-        sampling = {k: getattr(config, k) for k in ("do_sample", "temperature", "top_p")}  # None: not used
+        sampling = {k: getattr(config, k) for k in ("do_sample", "temperature", "top_p")}  # theirs: no arguments
     answers = generate_answers(model, [bench_sample(q, num_frames, protocol, system) for q in questions], batch_size,
                                max_new_tokens, **sampling)
     predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
