@@ -40,6 +40,72 @@ PUBLISHED_ORDER = ("image_oe", "image_mc", "video_oe", "video_mc")
 MC_RANDOM = 25.0
 
 # ---------------------------------------------------------------------------------------------------
+# The authors' protocol (--protocol instit). The prompt texts are verbatim from inst-it/inst-it
+# inst-it-bench/prompts.py (prompt_template); the system text is LLaVA-NeXT's vicuna_v1 (llava/conversation.py).
+
+INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
+    "image_mc": (
+        "Based on the image, select the best answer to the following multiple-choice question. In both the question "
+        "and options, specific objects are represented using the format [ID] (e.g., '[1]'', '[2]''. Respond with "
+        "only the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
+    "image_oe": (
+        "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
+        "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
+        "References: In the image, each object has a unique ID. Use this ID in your response to specify objects, "
+        "formatted as [ID] for a single object (e.g., “[8]”) or as [ID1] [ID2] ... for multiple objects, such as "
+        "“[3] [4] [5]”. Avoid commas, ranges, or phrases like “[1, 2, 3]” or “[1] to [3]”. The IDs in the images and "
+        "questions match directly.", "Based on the input image, please answer the question: "),
+    "video_mc": (
+        "Based on the video, select the best answer to the following multiple-choice question. In both the question "
+        'and options, specific objects are represented using the format [ID] (e.g., "[1]", "[2]"), and time '
+        'references are shown using the format <timestamp> (e.g., "at <6>" or "during <7>-<8>"). Respond with only '
+        "the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
+    "video_oe": (
+        "# Task Definition:\nYou are an expert in video analysis. In this task, you will receive a series of frames "
+        "as a video, and your task is to answer the given questions based on the video content.\n# Input Format:\n"
+        "There are serveral images inputs as video frames. Each frame can be referenced by its timestamp (indicating "
+        "when it appears in the video). For example, the first frame can be referred to as <1>.\n# Guidelines and "
+        "Rules:\n- Object References: Each object has a unique ID. Use this ID in your response to specify objects, "
+        "formatted as [ID] for a single object (e.g., “[8]”) or as [ID1] [ID2] ... for multiple objects, such as "
+        "“[3] [4] [5]”. Avoid commas, ranges, or phrases like “[1, 2, 3]” or “[1] to [3]”. The IDs in the images and "
+        "questions match directly.\n- Time References: Use timestamps to indicate moments or intervals in the video. "
+        "For a specific moment, format as <timestamp> (e.g., “at <3>”). For an interval, use "
+        "<start_timestamp>-<end_timestamp> (e.g., “during <5>-<7>”). Always enclose timestamps in <>.",
+        "Based on the input video, please answer the question: "),
+}
+INSTIT_JUDGE_PROMPT = (  # gpt_eval: the video prompt adds the time rule, and its last line lacks the trailing space
+    "\n# Task Description:\nYou are an expert evaluator tasked with scoring the accuracy of responses to open-ended "
+    "questions. You will be provided with a set of questions, each with a corresponding ground-truth answer, as well "
+    "as responses from a tester. Your job is to assess the accuracy of each response and provide a score between 0 "
+    "and 1.\n# Guidelines:\n- Score Range: Your score for each test item must be between 0 and 1. A higher score "
+    "means more correctness. Choose from the following: 0 (completely incorrect), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, "
+    "0.8, 0.9, 1.0 (completely correct)\n- For each test item, consider the question, the ground-truth answer, and "
+    "the tester’s response together to determine correctness.\n- Objects in questions and answers may be referenced "
+    "using the format [ID] (e.g., [1], [2]). Ensure that any objects referenced in the tester’s response match "
+    "correctly with the ground-truth answer.\n{rule}# Input Format:\nThe input is a set of test items to be "
+    "scored, where each item includes: \n- `question`; \n- `ground truth answer for the question`; \n- `response "
+    "from the tester`.\nNow, let's begin the evaluation, here are the input test items:{end}\n")
+INSTIT_JUDGE_PROMPTS = {"image": INSTIT_JUDGE_PROMPT.format(rule="", end=" "), "video": INSTIT_JUDGE_PROMPT.format(
+    rule="- Time points may be indicated with <timestamp> (e.g., <1>), and time intervals with <start_timestamp>-"
+         "<end_timestamp> (e.g., <3>-<5>). Verify that the tester’s response includes accurate time expressions.\n",
+    end="")}
+INSTIT_JUDGE_MODEL, INSTIT_JUDGE_VERSION = "gpt-4o-2024-08-06", "inst-it-bench-gpt_eval"
+INSTIT_SCORE_SCHEMA = {  # what the openai SDK sends for their pydantic SampleScore(sample_score: float)
+    "properties": {"sample_score": {"title": "Sample Score", "type": "number"}}, "required": ["sample_score"],
+    "title": "SampleScore", "type": "object", "additionalProperties": False}
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.")
+# their overwrite_config (mm_spatial_pool_stride 2, bilinear, after the projector, mm_newline_position no_token);
+# no frame cap: a video is every frame of its folder
+INSTIT_MODEL = dict(pool_stride=2, pool_mode="bilinear", pool_position="after", video_newline=False,
+                    max_frames=sys.maxsize)
+# extract_characters_regex's prefixes (from VideoMME) as Python reads their list: two missing commas join
+# "The best option is" + "The correct option is" and "Best answer:" + "Best option:"
+INSTIT_ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                          "The best option isThe correct option is", "Best answer:Best option:", "Answer", "Answer:",
+                          "answer:", "answer", "Option:", "The correct answer", "The correct option")
+
+# ---------------------------------------------------------------------------------------------------
 # Multiple choice: which letter did a free-form answer choose?
 
 _L = r"\(?\**([A-Za-z])\**\)?"  # a letter, maybe in parentheses or bold
@@ -89,9 +155,20 @@ def extract_choice(response: str, options) -> str | None:
     return standalone.pop() if len(standalone) == 1 else None
 
 
-def score_mc(predictions: list[dict]) -> dict:
+def instit_choice(response: str) -> str | None:
+    """Free-form answer -> the letter the authors' extract_characters_regex takes, or None: the first capital A-D
+    once INSTIT_ANSWER_PREFIXES are deleted, wherever it stands ("Based on the image, ..." chose B). Their rule for
+    answers over 10 words returns no letter only where there is none, so it changes nothing."""
+    for prefix in INSTIT_ANSWER_PREFIXES:
+        response = response.replace(prefix, "")
+    letter = re.search("[ABCD]", response)
+    return letter[0] if letter else None
+
+
+def score_mc(predictions: list[dict], protocol: str | None = None) -> dict:
     """Records (model_prediction, ground_truth: a letter, or an option's text where options map letters to texts)
-    -> {score, total, unparsed (counted wrong)}; a ground truth that is no option is an error."""
+    -> {score, total, unparsed (counted wrong)}; a ground truth that is no option is an error. Protocol "instit":
+    letters by instit_choice, and the authors' figure beside ours: score_authors, unparsed answers dropped."""
     correct = unparsed = 0
     for p in predictions:
         options, truth = p.get("options") or "ABCD", str(p["ground_truth"]).strip()
@@ -100,10 +177,14 @@ def score_mc(predictions: list[dict]) -> dict:
         if truth.upper() not in [str(o).upper() for o in options]:
             raise ValueError(f"question {p['question_id']}: ground truth {truth!r} is none of the options "
                              f"{list(options)}")
-        choice = extract_choice(p["model_prediction"], options)
+        choice = instit_choice(p["model_prediction"]) if protocol else extract_choice(p["model_prediction"], options)
         unparsed += choice is None
         correct += choice == truth.upper()
-    return {"score": 100 * correct / max(len(predictions), 1), "total": len(predictions), "unparsed": unparsed}
+    out = {"score": 100 * correct / max(len(predictions), 1), "total": len(predictions), "unparsed": unparsed}
+    if protocol:
+        parsed = len(predictions) - unparsed
+        out.update(protocol=protocol, score_authors=100 * correct / parsed if parsed else None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,13 +208,9 @@ def sensitivity(scores: dict) -> float:
     better (a model whose score does not move when the instruction is reworded)."""
     if not scores:
         raise ValueError("sensitivity: no tasks given")
-    ratios = []
-    for task, values in scores.items():
-        if not values:
-            raise ValueError(f"sensitivity: task {task!r} has no scores")
-        mean = fmean(values)
-        ratios.append(pstdev(values) / mean if mean else 0.0)
-    return sum(ratios) / len(ratios)
+    if empty := [task for task, values in scores.items() if not values]:
+        raise ValueError(f"sensitivity: task {empty[0]!r} has no scores")
+    return fmean(pstdev(values) / fmean(values) if fmean(values) else 0.0 for values in scores.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,31 +286,39 @@ JUDGE_PROMPT = (
     "Reply with JSON {{\"score\": number}}.")
 
 
-def judge_score(client, question: str, reference: str, prediction: str, video: bool) -> float:
-    """One OE answer -> the judge's score in {0, 0.1, ..., 1} (INST-IT App. B criteria)."""
+def judge_score(client, question: str, reference: str, prediction: str, video: bool, protocol=None) -> float:
+    """One OE answer -> the judge's score in {0, 0.1, ..., 1} (INST-IT App. B criteria); protocol "instit": in 0..1,
+    asked as the authors' evaluate.py asks (their prompt, then the item as JSON; a structured {"sample_score"})."""
     from annotate import schema_object
 
-    system = JUDGE_PROMPT.format(media="a video" if video else "an image",
-                                 time=", and frames as <t> (intervals <s>-<e>)" if video else "",
-                                 time_rule=" and the same frame times <t>" if video else "")
-    user = f"Question: {question}\nReference answer: {reference}\nModel answer: {prediction}"
+    if protocol:
+        prompt = INSTIT_JUDGE_PROMPTS["video" if video else "image"]
+        item = json.dumps({"question": question, "ground_truth_answer": reference, "tester_response": prediction})
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "text", "text": item}]}]
+        key, schema, name = "sample_score", INSTIT_SCORE_SCHEMA, "SampleScore"
+    else:
+        system = JUDGE_PROMPT.format(media="a video" if video else "an image",
+                                     time=", and frames as <t> (intervals <s>-<e>)" if video else "",
+                                     time_rule=" and the same frame times <t>" if video else "")
+        user = f"Question: {question}\nReference answer: {reference}\nModel answer: {prediction}"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        key, schema, name = "score", schema_object(score={"type": "number"}), "score"
 
     def on_the_scale(answer):
-        s = answer["score"]
-        if not 0 <= s <= 1 or abs(s * 10 - round(s * 10)) > 1e-6:
-            raise ValueError(f"score {s} is not one of 0, 0.1, ..., 1")
+        s = answer[key]
+        if not 0 <= s <= 1 or not protocol and abs(s * 10 - round(s * 10)) > 1e-6:
+            raise ValueError(f"score {s} is not in 0..1" if protocol else f"score {s} is not one of 0, 0.1, ..., 1")
 
-    answer = client.complete_json([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                  schema_object(score={"type": "number"}), validate=on_the_scale, name="score")
-    return float(answer["score"])
+    return float(client.complete_json(messages, schema, validate=on_the_scale, name=name)[key])
 
 
-def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
+def score_oe(predictions: list[dict], client=None, workers: int = 8, protocol=None) -> dict:
     """OE records -> {"oe_proxy", "total"} and, with a judge client, {"score", "failed"}: 100 x the mean
-    judge score, failed judge calls counted as 0 and reported (never dropped from the denominator)."""
+    judge score, failed judge calls counted as 0 and reported (never dropped from the denominator). Protocol "instit":
+    the authors' judge request (judge_score); their figure beside ours (score_authors: failures dropped)."""
     total = len(predictions)
     proxy = sum(oe_proxy(p["model_prediction"], p["ground_truth"]) for p in predictions)
-    out = {"total": total, "oe_proxy": 100 * proxy / max(total, 1)}
+    out = {"total": total, "oe_proxy": 100 * proxy / max(total, 1), **({"protocol": protocol} if protocol else {})}
     if client is None:
         return out
     from annotate import LLMError
@@ -241,13 +326,17 @@ def score_oe(predictions: list[dict], client=None, workers: int = 8) -> dict:
     def one(p):
         try:
             return judge_score(client, p.get("question", ""), p["ground_truth"], p["model_prediction"],
-                               video=str(p.get("split", "")).startswith("video"))
+                               video=str(p.get("split", "")).startswith("video"), protocol=protocol)
         except LLMError as e:
             print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)  # None: counted as 0
 
     with ThreadPoolExecutor(workers) as pool:
         scores = list(tqdm(pool.map(one, predictions), total=total, desc="judge"))
-    out.update(score=100 * sum(s or 0.0 for s in scores) / max(total, 1), failed=sum(s is None for s in scores))
+    judged = [s for s in scores if s is not None]
+    out.update(score=100 * sum(judged) / max(total, 1), failed=total - len(judged))
+    if protocol:
+        out.update(score_authors=100 * sum(judged) / len(judged) if judged else None, judge_model=client.model,
+                   judge_prompt=client.prompt_version)
     return out
 
 
@@ -260,8 +349,9 @@ def judge_client(args):
     folder = args.out if args.command == "run" else os.path.dirname(os.path.abspath(args.out))  # run: a folder
     cache = args.judge_cache or os.path.join(folder, "judge.cache.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)  # before a paid answer is cached there
-    return LLMClient(args.judge_base_url, args.judge_model, cache, json_mode=args.judge_json_mode,
-                     prompt_version=JUDGE_VERSION)
+    return LLMClient(args.judge_base_url, args.judge_model or (INSTIT_JUDGE_MODEL if args.protocol else "gpt-4o"),
+                     cache, json_mode=args.judge_json_mode,
+                     prompt_version=INSTIT_JUDGE_VERSION if args.protocol else JUDGE_VERSION)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,24 +365,37 @@ BENCH_PROMPTS = {  # the bench's answer conventions (INST-IT App. B)
 }
 
 
-def bench_sample(question: dict, num_frames: int) -> dict:
-    """A bench question (data.load_instit_bench) -> a generation prompt sample with its visual."""
+def bench_sample(question: dict, num_frames: int | None, protocol=None, system: str | None = None) -> dict:
+    """A bench question (data.load_instit_bench) -> a generation prompt sample with its visual (num_frames None: up to
+    cfg.max_frames), asked by BENCH_PROMPTS, or by the authors' INSTIT_PROMPTS (protocol "instit"); `system` first."""
     video = question["split"].startswith("video")
     visual = {"video": question["media"], "num_frames": num_frames, "pooled": True} if video else \
         {"frames": [question["media"]], "pooled": False}
     options = "\n".join(f"{k}. {v}" for k, v in (question["options"] or {}).items())
-    kind = "mc" if options else "video_oe" if video else "image_oe"
-    text = BENCH_PROMPTS[kind].format(question=question["question"], options=options, n=num_frames)
+    if protocol:
+        pre, post = INSTIT_PROMPTS[question["split"]]
+        text = "\n".join([pre, question["question"], options, post] if options else [pre, post, question["question"]])
+    else:
+        kind = "mc" if options else "video_oe" if video else "image_oe"
+        text = BENCH_PROMPTS[kind].format(question=question["question"], options=options, n=num_frames)
     return {"id": question["question_id"], "source": question["file"], "visuals": [visual],
-            "messages": [{"role": "user", "content": "<image>\n" + text}]}
+            "messages": ([{"role": "system", "content": system}] if system else []) +
+                        [{"role": "user", "content": "<image>\n" + text}]}
 
 
 def encode_prompt(sample: dict, model) -> dict | None:
-    """A prompt sample -> data.encode_sample's tensors, or None (a warning names the file) if its media won't read."""
+    """A prompt sample -> data.encode_sample's tensors, or None (a warning names the file) if its media won't read;
+    a prompt longer than the model's context (tokenizer's model_max_length, LM's max positions) is warned of."""
     try:
-        return data.encode_sample(sample, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
+        encoded = data.encode_sample(sample, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
     except (OSError, ValueError) as e:
         log.warning("%s: sample %s: %s (skipped)", sample.get("source", "?"), sample.get("id", "?"), e)
+        return None
+    limit = min(model.tokenizer.model_max_length, getattr(model.lm.config, "max_position_embeddings", math.inf))
+    if len(encoded["input_ids"]) > limit:
+        log.warning("%s: sample %s: its prompt of %d tokens exceeds the model's context of %d (too many frames?)",
+                    sample.get("source", "?"), sample.get("id", "?"), len(encoded["input_ids"]), limit)
+    return encoded
 
 
 def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_tokens: int = 256,
@@ -325,11 +428,21 @@ def bench_questions(bench: str, splits: list[str], media_root=None, max_bad_frac
     return questions
 
 
-def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8,
-              max_new_tokens=256, num_frames=8, client=None, max_bad_fraction=0.05, checked=None) -> dict:
-    """Model x bench (or `checked`: its bench_questions) -> predictions.jsonl, summary.json, scores.png; the summary."""
+def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8, max_new_tokens=256,
+              num_frames=8, client=None, max_bad_fraction=0.05, checked=None, protocol=None) -> dict:
+    """Model x bench (or `checked`: its bench_questions) -> predictions.jsonl, summary.json, scores.png; the summary.
+    Protocol "instit" (the authors' inference scripts): their pooling forced on `model` (INSTIT_MODEL), every frame of
+    a video, vicuna_v1's system where the tokenizer has no chat template, the checkpoint's own generation config and
+    128 new tokens (`num_frames`, `max_new_tokens` unused); their MC letters and judge (score_mc, score_oe)."""
     questions = checked or bench_questions(bench, splits, media_root, max_bad_fraction)
-    answers = generate_answers(model, [bench_sample(q, num_frames) for q in questions], batch_size, max_new_tokens)
+    system, sampling = None, {}
+    if protocol:
+        model.cfg = dataclasses.replace(model.cfg, **INSTIT_MODEL)
+        num_frames, max_new_tokens, config = None, 128, model.lm.generation_config  # num_frames None: every frame
+        system = None if model.tokenizer.chat_template else VICUNA_V1_SYSTEM
+        sampling = {k: getattr(config, k) for k in ("do_sample", "temperature", "top_p")}  # theirs: no arguments
+    answers = generate_answers(model, [bench_sample(q, num_frames, protocol, system) for q in questions], batch_size,
+                               max_new_tokens, **sampling)
     predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
                     "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
                    for q, a in zip(questions, answers) if a is not None]
@@ -339,8 +452,8 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
         raise SystemExit(f"{bench}: {len(skipped)} of {len(questions)} questions skipped (media named above), over "
                          f"--max-bad-fraction {max_bad_fraction}; predictions.jsonl holds the rest: fix the media")
     by_split = {s: [p for p in predictions if p["split"] == s] for s in sorted({q["split"] for q in questions})}
-    summary = {split: {**score_mc(rows), "chance": MC_RANDOM} if split.endswith("mc") else score_oe(rows, client)
-               for split, rows in by_split.items()}
+    summary = {split: {**score_mc(rows, protocol), "chance": MC_RANDOM} if split.endswith("mc")
+               else score_oe(rows, client, protocol=protocol) for split, rows in by_split.items()}
     for split, s in summary.items():
         s["skipped"] = sum(q["split"] == split for q in skipped)  # questions whose media is missing or unreadable
     data.write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -360,6 +473,8 @@ def print_summary(summary: dict):
         else:
             note = (f"no judge configured: oe_proxy {s['oe_proxy']:.1f} "
                     "(token F1 x [ID] agreement, not comparable to judge scores)")
+        if s.get("score_authors") is not None:
+            note += f"; the authors' count (those dropped): {s['score_authors']:.1f}"
         score = f"{s['score']:7.1f}" if "score" in s else f"{'-':>7}"
         print(f"{split:10} {score} {s['total']:6}  {note}")
     splits = [s for s in PUBLISHED_ORDER if s in summary]
@@ -570,8 +685,10 @@ def main(argv=None):
     ask_cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     ask_cmd.add_argument("--save-marked", metavar="DIR", help="write the marked frames the model saw to DIR")
     for cmd in (run, score):
+        cmd.add_argument("--protocol", choices=["instit"], help="the authors' bench protocol (run_bench: it ignores "
+                         "--num-frames, --max-new-tokens), scored as we count and as they do (default: ours)")
         cmd.add_argument("--judge-base-url", help="OpenAI-compatible server for the OE judge (key: OPENAI_API_KEY)")
-        cmd.add_argument("--judge-model", default="gpt-4o")
+        cmd.add_argument("--judge-model", help=f"default: gpt-4o; {INSTIT_JUDGE_MODEL} with --protocol instit")
         cmd.add_argument("--judge-cache", help="judge cache file (default: beside --out)")
         cmd.add_argument("--judge-json-mode", action="store_true", help="for servers without JSON-schema output")
     args = p.parse_args(argv)
@@ -588,7 +705,8 @@ def main(argv=None):
             raise SystemExit(f"{args.predictions}: question_id {wrong[0]!r} and {len(wrong) - 1} more are not "
                              f"{mode.upper()} (MC ground truths are letters); give the --mode they are, or score apart")
         try:
-            result = score_mc(predictions) if mode == "mc" else score_oe(predictions, judge_client(args))
+            result = (score_mc(predictions, args.protocol) if mode == "mc"
+                      else score_oe(predictions, judge_client(args), protocol=args.protocol))
         except ValueError as e:
             raise SystemExit(f"{args.predictions}: {e}")
         data.write_json(args.out, result)
@@ -602,7 +720,8 @@ def main(argv=None):
     if args.command == "run":  # the bench is read and checked before the model loads, as the templates are
         checked = bench_questions(args.bench, splits, args.media_root, args.max_bad_fraction)
         return run_bench(load_model(args.model), args.bench, splits, args.out, args.media_root, args.batch_size,
-                         args.max_new_tokens, args.num_frames, judge_client(args), args.max_bad_fraction, checked)
+                         args.max_new_tokens, args.num_frames, judge_client(args), args.max_bad_fraction, checked,
+                         args.protocol)
     templates = instruction_templates(args.templates)
     result = evaluate_instructions(load_model(args.model), args.tasks, templates, args.media_root)
     data.write_json(os.path.join(args.out, "instructions.json"), result)
