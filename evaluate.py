@@ -438,9 +438,8 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
     system, sampling = None, {}
     if protocol:
         model.cfg = dataclasses.replace(model.cfg, **INSTIT_MODEL)
-        num_frames, max_new_tokens, config = None, 128, model.lm.generation_config  # num_frames None: every frame
+        num_frames, max_new_tokens, sampling = None, 128, {"do_sample": None}  # every frame; theirs: no arguments
         system = None if model.tokenizer.chat_template else VICUNA_V1_SYSTEM
-        sampling = {k: getattr(config, k) for k in ("do_sample", "temperature", "top_p")}  # theirs: no arguments
     answers = generate_answers(model, [bench_sample(q, num_frames, protocol, system) for q in questions], batch_size,
                                max_new_tokens, **sampling)
     predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
