@@ -7,8 +7,7 @@ A conversation ("sample") is a plain dict, the unit every loader returns and `en
                  or {"video": video file or frame folder, "pooled": True, "num_frames": n (default cfg.max_frames)}],
      "messages": [{"role": "system" | "user" | "assistant", "content": str}]}
 The i-th `<image>` placeholder in the messages is the i-th visual. A video is 2x2-pooled, a single image keeps
-all its tokens (INST-IT 2.4), or its AnyRes tiles' (LLaVA-NeXT): `visual_layout` says which.
-"""
+all its tokens (INST-IT 2.4), or its AnyRes tiles' (LLaVA-NeXT): `visual_layout` says which."""
 import argparse
 import base64
 import io
@@ -662,7 +661,7 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
     if images.endswith(".parquet"):
         rows = read_parquet(images)
         id_column = next((c for c in ("id", "image_id", "__index_level_0__") if rows and c in rows[0]), None)
-        if id_column is None or "base64" not in (rows[0] if rows else {}):
+        if id_column is None or "base64" not in rows[0]:  # a column found implies a first row
             raise ValueError(f"{images}: expected columns id (or the index) and base64")
         pictures = {row[id_column]: row["base64"] for row in rows}
     else:

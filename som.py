@@ -233,8 +233,7 @@ class MarkStyle:
     grid: int | None = None           # put labels on patch centres of this size (label_position)
 
 
-def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_places: dict | None = None
-               ) -> Image.Image:
+def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_places: dict | None = None) -> Image.Image:
     """An image and {instance ID: mask | RLE | box | polygon} -> a copy with Set-of-Marks drawn (INST-IT 2.1):
     a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`. Pass the same
     `label_places` dict for every frame of a video: a label then stays where it was while that point is in the mask."""
