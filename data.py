@@ -524,14 +524,10 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
         out.append(conversation(f"{record['id']} {kind}", record["file"], [visual], turns))
 
     for f in frames:
-        turns = []
-        if f["instances"]:
-            captions = [" ".join(f"[{i}]" for i in key.split(",")) + f": {text}"
-                        for key, text in sorted(f["instances"].items(), key=lambda kv: natural_key(kv[0]))]
-            turns.append((INSTRUCTIONS["instance"], "\n".join(captions)))
-        if f["image_level"]:
-            turns.append((INSTRUCTIONS["image"], f["image_level"]))
-        if turns:
+        captions = "\n".join(" ".join(f"[{i}]" for i in key.split(",")) + f": {text}"
+                             for key, text in sorted(f["instances"].items(), key=lambda kv: natural_key(kv[0])))
+        turns = [t for t in ((INSTRUCTIONS["instance"], captions), (INSTRUCTIONS["image"], f["image_level"])) if t[1]]
+        if turns:  # those of the two the frame has
             add(f"frame <{f['timestamp']}>", [f], turns)
     for previous, current in zip(frames, frames[1:]):
         if current["temporal_change"]:
