@@ -236,11 +236,9 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
         raise ValueError(f"sample {name}: {len(visuals)} visuals but {ids.count(image_id)} {cfg.image_token} tokens "
                          "after tokenization; add the image token to the tokenizer (model.build_model does)")
     visual_counts = iter(counts)  # the k-th placeholder becomes the k-th visual's tokens
-    input_ids, target = [], []
-    for token, label in zip(ids, labels):
-        n = next(visual_counts) if token == image_id else 1
-        input_ids += [token] * n
-        target += [-100 if token == image_id else label] * n
+    repeats = [next(visual_counts) if token == image_id else 1 for token in ids]
+    input_ids = [token for token, n in zip(ids, repeats) for _ in range(n)]
+    target = [-100 if token == image_id else label for token, label, n in zip(ids, labels, repeats) for _ in range(n)]
     if len(input_ids) > max_length:
         if add_generation_prompt or image_id in input_ids[max_length:] or all(t == -100 for t in target[:max_length]):
             log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its text "
@@ -320,15 +318,14 @@ def read_json(path: str):
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:  # kept as a bad record: counted in the loader's summary
-                log.warning("%s:%d: not valid JSON (%s)", path, n, e)
-                out.append(None)
-    return out
+
+    def parse_line(n, line):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:  # None (log.warning's): kept as a bad record, counted in the loader's summary
+            return log.warning("%s:%d: not valid JSON (%s)", path, n, e)
+
+    return [parse_line(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def write_json(path, obj):
