@@ -7,8 +7,7 @@ A conversation ("sample") is a plain dict, the unit every loader returns and `en
                  or {"video": video file or frame folder, "pooled": True, "num_frames": n (default cfg.max_frames)}],
      "messages": [{"role": "system" | "user" | "assistant", "content": str}]}
 The i-th `<image>` placeholder in the messages is the i-th visual. A video is 2x2-pooled, a single image keeps
-all its tokens (INST-IT 2.4), or its AnyRes tiles' (LLaVA-NeXT): `visual_layout` says which.
-"""
+all its tokens (INST-IT 2.4), or its AnyRes tiles' (LLaVA-NeXT): `visual_layout` says which."""
 import argparse
 import base64
 import io
@@ -110,8 +109,7 @@ def _read_video(path: str, num_frames: int) -> tuple[list[Image.Image], list[int
 # Frames to tokens: chat template, labels, visual layout (pooled or AnyRes), collation.
 
 def load_visual(visual: dict, cfg: ModelConfig) -> list[Image.Image]:
-    """A sample's visual -> its RGB frames: read from paths/bytes or sampled from a video (cfg.max_frames),
-    with Set-of-Marks drawn when the visual has `masks` (one label place per ID across its frames)."""
+    """A visual -> RGB frames (sampled to <= cfg.max_frames), marked from its `masks` with one label place per ID."""
     masks = visual.get("masks")
     if "video" in visual:
         frames, _ = sample_frames(visual["video"], visual.get("num_frames") or cfg.max_frames)
@@ -133,13 +131,10 @@ def chat_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = F
     chat template (an assistant piece: what it adds for that turn, content and end marker), else by Vicuna v1's."""
     if not tokenizer.chat_template:
         system = next((m["content"] for m in messages if m["role"] == "system"), FALLBACK_SYSTEM)
-        pieces = [((tokenizer.bos_token or "") + system, False)]
-        for m in messages:
-            if m["role"] == "user":
-                pieces.append((f" USER: {m['content']} ASSISTANT:", False))
-            elif m["role"] == "assistant":
-                pieces.append((f" {m['content']}{tokenizer.eos_token or ''}", True))
-        return pieces
+        return [((tokenizer.bos_token or "") + system, False)] + [
+            (f" USER: {m['content']} ASSISTANT:", False) if m["role"] == "user" else
+            (f" {m['content']}{tokenizer.eos_token or ''}", True)
+            for m in messages if m["role"] in ("user", "assistant")]
 
     def render(msgs, generation_prompt=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
@@ -241,11 +236,9 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
         raise ValueError(f"sample {name}: {len(visuals)} visuals but {ids.count(image_id)} {cfg.image_token} tokens "
                          "after tokenization; add the image token to the tokenizer (model.build_model does)")
     visual_counts = iter(counts)  # the k-th placeholder becomes the k-th visual's tokens
-    input_ids, target = [], []
-    for token, label in zip(ids, labels):
-        n = next(visual_counts) if token == image_id else 1
-        input_ids += [token] * n
-        target += [-100 if token == image_id else label] * n
+    repeats = [next(visual_counts) if token == image_id else 1 for token in ids]
+    input_ids = [token for token, n in zip(ids, repeats) for _ in range(n)]
+    target = [-100 if token == image_id else label for token, label, n in zip(ids, labels, repeats) for _ in range(n)]
     if len(input_ids) > max_length:
         if add_generation_prompt or image_id in input_ids[max_length:] or all(t == -100 for t in target[:max_length]):
             log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its text "
@@ -325,15 +318,14 @@ def read_json(path: str):
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:  # kept as a bad record: counted in the loader's summary
-                log.warning("%s:%d: not valid JSON (%s)", path, n, e)
-                out.append(None)
-    return out
+
+    def parse_line(n, line):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:  # None (log.warning's): kept as a bad record, counted in the loader's summary
+            return log.warning("%s:%d: not valid JSON (%s)", path, n, e)
+
+    return [parse_line(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def write_json(path, obj):
@@ -375,8 +367,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed: no figure (pip install matplotlib)")
-        return None
+        return log.warning("matplotlib is not installed: no figure (pip install matplotlib)")
     return plt
 
 
@@ -419,8 +410,7 @@ def record_label(index, record, *id_fields) -> str:
 
 
 def convert_records(file: str, records, convert, *id_fields) -> list:
-    """Apply `convert(record) -> list` to a list of records (named by record_label) or a dict {name: record}; a record
-    that does not fit is logged (file, record, field, problem) and skipped, with a summary of skips per field."""
+    """`convert(record) -> list` over a list or dict {name: record}; misfits are logged, skipped, counted per field."""
     if not isinstance(records, dict):
         records = {record_label(i, r, *id_fields): r for i, r in enumerate(records)}
     out, skipped = [], Counter()
@@ -473,9 +463,7 @@ def load_instit_dataset(path: str, media_root: str | None = None, check_media: b
                 "masks": None if masks is None else {instance_key(k): v for k, v in masks.items()}}
 
     def convert(rec):
-        if not isinstance(rec, dict):
-            raise RecordError("record", f"expected a JSON object, got {type(rec).__name__}")
-        if "frame_level_caption" not in rec:  # image part
+        if not isinstance(rec, dict) or "frame_level_caption" not in rec:  # image part (required refuses a non-object)
             frames = [frame(media_root, required(rec, "image_path"), rec.get("instance_level_caption"),
                             rec.get("image_level_caption"), None, rec.get("segmentations"), "image_path")]
             return [{"id": f"image {rec.get('image_id', '?')}", "file": path, "frames": frames,
@@ -521,8 +509,7 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
         if draw_marks and not with_masks:
             return log.warning("%s: no masks to draw marks from (skipped)", where)
         if with_masks:
-            marked = set().union(*(f["masks"] for f in shown))
-            unmarked = {str(i) for q, a in turns for i in named_ids(q + a)} - marked
+            unmarked = {str(i) for q, a in turns for i in named_ids(q + a)} - set().union(*(f["masks"] for f in shown))
             if unmarked:
                 return log.warning("%s names %s, not marked on its frames (skipped)", where,
                                    " ".join(f"[{i}]" for i in sorted(unmarked, key=int)))
@@ -534,14 +521,10 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
         out.append(conversation(f"{record['id']} {kind}", record["file"], [visual], turns))
 
     for f in frames:
-        turns = []
-        if f["instances"]:
-            captions = [" ".join(f"[{i}]" for i in key.split(",")) + f": {text}"
-                        for key, text in sorted(f["instances"].items(), key=lambda kv: natural_key(kv[0]))]
-            turns.append((INSTRUCTIONS["instance"], "\n".join(captions)))
-        if f["image_level"]:
-            turns.append((INSTRUCTIONS["image"], f["image_level"]))
-        if turns:
+        captions = "\n".join(" ".join(f"[{i}]" for i in key.split(",")) + f": {text}"
+                             for key, text in sorted(f["instances"].items(), key=lambda kv: natural_key(kv[0])))
+        turns = [t for t in ((INSTRUCTIONS["instance"], captions), (INSTRUCTIONS["image"], f["image_level"])) if t[1]]
+        if turns:  # those of the two the frame has
             add(f"frame <{f['timestamp']}>", [f], turns)
     for previous, current in zip(frames, frames[1:]):
         if current["temporal_change"]:
@@ -575,50 +558,46 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
         sources = [(f, read_parquet(f) if f.endswith(".parquet") else read_json(f),
                     media_root if media_root is not None else os.path.dirname(f)) for f in files]
 
-    questions = []
-    for file, records, root in sources:
+    def convert(rec, file, root):
         # The hub's folders and the flat copies are named by split (image_multi_choice/, video_open_ended.json):
         # a name says MC or OE, so an MC record that lost its options is an error, not an OE question.
         declared = "mc" if "multi_choice" in file else "oe" if "open_ended" in file else None
+        question = normalize_text(required(rec, "question"))
+        options = rec.get("options") or {L: rec[c] for L in "ABCDEFGH" if rec.get(c := f"choice_{L.lower()}")}
+        if isinstance(options, list):
+            options = dict(zip("ABCDEFGH", options))
+        if not isinstance(options, dict):
+            raise RecordError("options", f"expected a dict or list, got {type(options).__name__}")
+        options = {str(k).strip("() .").upper(): str(v) for k, v in options.items()} or None
+        if declared and declared != ("mc" if options else "oe"):
+            raise RecordError("options", "missing in a multiple-choice file" if declared == "mc"
+                              else "given in an open-ended file")
+        modality = "video" if rec.get("video_path") is not None else "image"
+        split = f"{modality}_{'mc' if options else 'oe'}"
+        if wanted and split not in wanted:
+            return []
+        answer = str(required(rec, "answer", (str, int))).strip()
+        if options:  # MC: the letter, also when the record gives the option's text
+            letter = answer.strip("().:* ").upper()
+            if letter not in options:
+                letter = next((k for k, v in options.items() if v.strip() == answer), None)
+            if letter is None:
+                raise RecordError("answer", f"{answer[:40]!r} is neither an option letter {sorted(options)} "
+                                  "nor an option")
+            answer = letter
+        key = "video_path" if modality == "video" else "image" if rec.get("image") is not None else "image_path"
+        visual = required(rec, key, object)
+        if isinstance(visual, dict):  # a datasets Image feature as stored in parquet
+            visual = visual.get("bytes") or visual.get("path")
+        if isinstance(visual, str):
+            visual = media_path(root, visual, check_media, key)
+        elif not isinstance(visual, (bytes, Image.Image)):
+            raise RecordError(key, f"expected an image, bytes or a path, got {type(visual).__name__}")
+        return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split,
+                 "question": question, "options": options, "answer": answer, "media": visual, "file": file}]
 
-        def convert(rec):
-            question = normalize_text(required(rec, "question"))
-            options = rec.get("options") or {L: rec[f"choice_{L.lower()}"] for L in "ABCDEFGH"
-                                             if rec.get(f"choice_{L.lower()}")}
-            if isinstance(options, list):
-                options = dict(zip("ABCDEFGH", options))
-            if not isinstance(options, dict):
-                raise RecordError("options", f"expected a dict or list, got {type(options).__name__}")
-            options = {str(k).strip("() .").upper(): str(v) for k, v in options.items()} or None
-            if declared and declared != ("mc" if options else "oe"):
-                raise RecordError("options", "missing in a multiple-choice file" if declared == "mc"
-                                  else "given in an open-ended file")
-            modality = "video" if rec.get("video_path") is not None else "image"
-            split = f"{modality}_{'mc' if options else 'oe'}"
-            if wanted and split not in wanted:
-                return []
-            answer = str(required(rec, "answer", (str, int))).strip()
-            if options:  # MC: the letter, also when the record gives the option's text
-                letter = answer.strip("().:* ").upper()
-                if letter not in options:
-                    letter = next((k for k, v in options.items() if v.strip() == answer), None)
-                if letter is None:
-                    raise RecordError("answer", f"{answer[:40]!r} is neither an option letter {sorted(options)} "
-                                      "nor an option")
-                answer = letter
-            key = "video_path" if modality == "video" else "image" if rec.get("image") is not None else "image_path"
-            visual = required(rec, key, object)
-            if isinstance(visual, dict):  # a datasets Image feature as stored in parquet
-                visual = visual.get("bytes") or visual.get("path")
-            if isinstance(visual, str):
-                visual = media_path(root, visual, check_media, key)
-            elif not isinstance(visual, (bytes, Image.Image)):
-                raise RecordError(key, f"expected an image, bytes or a path, got {type(visual).__name__}")
-            return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split,
-                     "question": question, "options": options, "answer": answer, "media": visual, "file": file}]
-
-        questions += convert_records(file, records, convert, "question_id")
-    return questions
+    return [q for file, records, root in sources
+            for q in convert_records(file, records, lambda rec: convert(rec, file, root), "question_id")]
 
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -675,7 +654,7 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
     if images.endswith(".parquet"):
         rows = read_parquet(images)
         id_column = next((c for c in ("id", "image_id", "__index_level_0__") if rows and c in rows[0]), None)
-        if id_column is None or "base64" not in (rows[0] if rows else {}):
+        if id_column is None or "base64" not in rows[0]:  # a column found implies a first row
             raise ValueError(f"{images}: expected columns id (or the index) and base64")
         pictures = {row[id_column]: row["base64"] for row in rows}
     else:
@@ -785,9 +764,8 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
             continue
         definition = task.get("Definition") or []
         definition = " ".join(definition) if isinstance(definition, list) else str(definition)
-        positives = (task.get("Positive Examples") or [])[:num_examples]
-        examples = "".join(f"\n\nPositive example {k + 1}:\nInput: {e.get('input', '')}\n"
-                           f"Output: {e.get('output', '')}" for k, e in enumerate(positives))
+        examples = "".join(f"\n\nPositive example {k + 1}:\nInput: {e.get('input', '')}\nOutput: {e.get('output', '')}"
+                           for k, e in enumerate((task.get("Positive Examples") or [])[:num_examples]))
 
         def convert(instance):
             output = required(instance, "output", (list, str))
@@ -804,9 +782,7 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
 
 def load_conversations(path: str, media_root: str | None = None, images: str | None = None, templates=None,
                        draw_marks: bool = False, max_frames: int = 32, seed: int = 0) -> list[dict]:
-    """Any supported data file -> samples, the format read from its records, whatever the extension (FORMATS.md):
-    `task_name`, MultiInstruct (needs `templates`); with `images`, MIMIC-IT; a folder or a dict with `Instances`,
-    Natural Instructions; `conversations`, LLaVA; else the INST-IT Dataset. train.py's `--data` uses this."""
+    """Any supported data file -> samples, its format (FORMATS.md) read from its records, whatever the extension."""
     if os.path.isdir(path):
         return load_natural_instructions(path)
     if images is not None:
@@ -841,8 +817,7 @@ def load_conversations(path: str, media_root: str | None = None, images: str | N
 # Command line: look at converted data.
 
 def main(argv=None):
-    """`python data.py show FILE`: read a data file in any supported format (FORMATS.md) and print its first
-    conversations as the model will see them."""
+    """Print the first conversations of a data file in any supported format (FORMATS.md) as the model will see them."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="read a data file in any supported format and print its conversations")

@@ -1,7 +1,5 @@
 """Set-of-Marks visual prompts (INST-IT 2.1): instance masks, boxes or polygons -> numbered marks on frames.
 
-Read top to bottom: frames and IDs, masks, `label_position`, `id_colour`, `MarkStyle`, `render_som`, the CLI:
-
     python som.py FRAMES --masks M.json --out DIR    # FRAMES: an image or a folder of frames
 
 An instance keeps its ID, colour and label place on every frame of a video ("[2]" is one object at <1> and <8>).
@@ -112,12 +110,9 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
         mask = np.zeros((h, w), bool)
         mask[max(0, math.floor(y0)):max(0, math.ceil(y1)), max(0, math.floor(x0)):max(0, math.ceil(x1))] = True
     elif isinstance(spec, (list, tuple)) and spec:
-        if isinstance(spec[0], (int, float)):
-            polygons = [list(zip(spec[0::2], spec[1::2]))]
-        elif len(spec[0]) == 2 and isinstance(spec[0][0], (int, float)):
-            polygons = [[tuple(p) for p in spec]]
-        else:  # COCO: several flat polygons
-            polygons = [list(zip(p[0::2], p[1::2])) for p in spec]
+        points = not isinstance(spec[0], (int, float)) and len(spec[0]) == 2 and isinstance(spec[0][0], (int, float))
+        flats = [spec] if isinstance(spec[0], (int, float)) else spec  # one flat polygon, or COCO's list of them
+        polygons = [[tuple(p) for p in spec]] if points else [list(zip(p[0::2], p[1::2])) for p in flats]
         canvas = Image.new("1", (w, h))
         for polygon in polygons:
             ImageDraw.Draw(canvas).polygon(polygon, fill=1)
@@ -198,12 +193,10 @@ def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]
     padded = np.pad(crop, [(0, -n % f) for n in crop.shape])  # to a multiple of f
     blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
     small = blocks.all((1, 3))  # a block counts only when wholly inside: a narrow gap in a C stays open
-    if not small.any():
-        small = blocks.any((1, 3))  # a shape thinner than a block: "any" keeps thin bars alive
+    small = small if small.any() else blocks.any((1, 3))  # a shape thinner than a block: "any" keeps thin bars alive
     d2 = _squared_distance(_largest_component(small))
     peak = np.argwhere(d2 == d2.max())
-    py, px = peak[np.argmin(((peak - peak.mean(0)) ** 2).sum(1))]
-    cy, cx = min(py * f + f // 2, crop.shape[0] - 1), min(px * f + f // 2, crop.shape[1] - 1)
+    cy, cx = np.minimum(peak[np.argmin(((peak - peak.mean(0)) ** 2).sum(1))] * f + f // 2, np.array(crop.shape) - 1)
     if not crop[cy, cx]:  # the block centre missed the (downsampled) mask: take the nearest mask pixel
         pixels = np.argwhere(crop)
         cy, cx = pixels[np.argmin(((pixels - (cy, cx)) ** 2).sum(1))]
@@ -240,8 +233,7 @@ class MarkStyle:
     grid: int | None = None           # put labels on patch centres of this size (label_position)
 
 
-def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_places: dict | None = None
-               ) -> Image.Image:
+def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_places: dict | None = None) -> Image.Image:
     """An image and {instance ID: mask | RLE | box | polygon} -> a copy with Set-of-Marks drawn (INST-IT 2.1):
     a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`. Pass the same
     `label_places` dict for every frame of a video: a label then stays where it was while that point is in the mask."""
