@@ -192,9 +192,8 @@ def oe_proxy(prediction: str, reference: str) -> float:
     prediction vs reference, times the Jaccard agreement of the [IDs] they name (1 when neither names any)."""
     pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
     common = sum((Counter(pred) & Counter(ref)).values())
-    f1 = 0.0 if not common else 2 * common / (len(pred) + len(ref))
     a, b = named_ids(prediction), named_ids(reference)
-    return f1 * (len(a & b) / len(a | b) if a | b else 1.0)
+    return 2 * common / max(len(pred) + len(ref), 1) * (len(a & b) / len(a | b) if a | b else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
