@@ -129,8 +129,7 @@ _REFERS_TO_LETTER = {"or", "nor", "and", "is", "seems", "looks", "because", "wou
 
 
 def _is_article(text: str, m: re.Match) -> bool:
-    """Is the matched letter the article "a"/"A" (or any lowercase letter) followed by a word, as in
-    "A person ..." or "is a dog"? "A or B", "B is correct" refer to options."""
+    """Is the letter an article ("A person", "is a dog": "A" or lowercase, then a word), not an option ("A or B")?"""
     letter, word = m.group(1), re.match(r"\**\)?\s+([a-z]+)", text[m.end(1):])
     return bool(word) and (letter.islower() or letter == "A") and word.group(1) not in _REFERS_TO_LETTER
 
@@ -188,8 +187,7 @@ def score_mc(predictions: list[dict], protocol: str | None = None) -> dict:
 # Open-ended: the offline proxy (the LLM judge is below).
 
 def oe_proxy(prediction: str, reference: str) -> float:
-    """Offline stand-in for the judge, reported as "oe_proxy", never as the judge score: token F1 of
-    prediction vs reference, times the Jaccard agreement of the [IDs] they name (1 when neither names any)."""
+    """Offline stand-in for the judge (reported as "oe_proxy", never as its score): token F1 x Jaccard of the [IDs]."""
     pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
     common = sum((Counter(pred) & Counter(ref)).values())
     a, b = named_ids(prediction), named_ids(reference)
