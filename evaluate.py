@@ -129,8 +129,7 @@ _REFERS_TO_LETTER = {"or", "nor", "and", "is", "seems", "looks", "because", "wou
 
 
 def _is_article(text: str, m: re.Match) -> bool:
-    """Is the matched letter the article "a"/"A" (or any lowercase letter) followed by a word, as in
-    "A person ..." or "is a dog"? "A or B", "B is correct" refer to options."""
+    """Is the letter an article ("A person", "is a dog": "A" or lowercase, then a word), not an option ("A or B")?"""
     letter, word = m.group(1), re.match(r"\**\)?\s+([a-z]+)", text[m.end(1):])
     return bool(word) and (letter.islower() or letter == "A") and word.group(1) not in _REFERS_TO_LETTER
 
@@ -145,9 +144,8 @@ def extract_choice(response: str, options) -> str | None:
         for m in reversed(list(re.finditer(pattern, text, flags=re.IGNORECASE | re.MULTILINE))):
             if not _is_article(text, m):
                 return m.group(1).upper() if m.group(1).upper() in letters else None
-    said = normalise(text)  # an answer that only repeats one option's text
-    texts = options.items() if isinstance(options, dict) else ()
-    repeated = [k.upper() for k, v in texts if normalise(v).strip() and normalise(v) in said]  # "..." names none
+    texts = options.items() if isinstance(options, dict) else ()  # one option's text repeated ("..." names none)
+    repeated = [k.upper() for k, v in texts if normalise(v).strip() and normalise(v) in normalise(text)]
     if len(repeated) == 1:
         return repeated[0]
     standalone = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)
@@ -181,23 +179,19 @@ def score_mc(predictions: list[dict], protocol: str | None = None) -> dict:
         unparsed += choice is None
         correct += choice == truth.upper()
     out = {"score": 100 * correct / max(len(predictions), 1), "total": len(predictions), "unparsed": unparsed}
-    if protocol:
-        parsed = len(predictions) - unparsed
-        out.update(protocol=protocol, score_authors=100 * correct / parsed if parsed else None)
-    return out
+    parsed = len(predictions) - unparsed  # the authors drop the unparsed answers
+    return dict(out, protocol=protocol, score_authors=100 * correct / parsed if parsed else None) if protocol else out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Open-ended: the offline proxy (the LLM judge is below).
 
 def oe_proxy(prediction: str, reference: str) -> float:
-    """Offline stand-in for the judge, reported as "oe_proxy", never as the judge score: token F1 of
-    prediction vs reference, times the Jaccard agreement of the [IDs] they name (1 when neither names any)."""
+    """Offline stand-in for the judge (reported as "oe_proxy", never as its score): token F1 x Jaccard of the [IDs]."""
     pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
     common = sum((Counter(pred) & Counter(ref)).values())
-    f1 = 0.0 if not common else 2 * common / (len(pred) + len(ref))
     a, b = named_ids(prediction), named_ids(reference)
-    return f1 * (len(a & b) / len(a | b) if a | b else 1.0)
+    return 2 * common / max(len(pred) + len(ref), 1) * (len(a & b) / len(a | b) if a | b else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,12 +252,11 @@ def plot_scores(summary: dict, path: str):
     if plt is None:
         return
     splits = [s for s in PUBLISHED_ORDER if s in summary]
-    rows = {**PUBLISHED, "this run": {s: summary[s].get("score") for s in splits}}  # no bar: OE without a judge
+    rows = {**PUBLISHED, "this run": {s: summary[s].get("score", math.nan) for s in splits}}  # nan: no bar
     fig, ax = plt.subplots(figsize=(2 + 2 * len(splits), 4))
     width = 0.8 / len(rows)
-    for i, (name, vals) in enumerate(rows.items()):
-        heights = [math.nan if vals.get(s) is None else vals[s] for s in splits]  # nan: no bar
-        ax.bar([j + i * width for j in range(len(splits))], heights, width, label=name)
+    for i, (name, vals) in enumerate(rows.items()):  # no bar where a row has no number (OE without a judge)
+        ax.bar([j + i * width for j in range(len(splits))], [vals.get(s, math.nan) for s in splits], width, label=name)
     ax.axhline(MC_RANDOM, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits)
     ax.set(ylabel="score", title="INST-IT Bench (published: INST-IT Table 2; dotted: random MC)")
@@ -331,13 +324,10 @@ def score_oe(predictions: list[dict], client=None, workers: int = 8, protocol=No
             print(f"judge failed on {p['question_id']}: {e}", file=sys.stderr)  # None: counted as 0
 
     with ThreadPoolExecutor(workers) as pool:
-        scores = list(tqdm(pool.map(one, predictions), total=total, desc="judge"))
-    judged = [s for s in scores if s is not None]
+        judged = [s for s in tqdm(pool.map(one, predictions), total=total, desc="judge") if s is not None]
     out.update(score=100 * sum(judged) / max(total, 1), failed=total - len(judged))
-    if protocol:
-        out.update(score_authors=100 * sum(judged) / len(judged) if judged else None, judge_model=client.model,
-                   judge_prompt=client.prompt_version)
-    return out
+    return dict(out, score_authors=100 * sum(judged) / len(judged) if judged else None, judge_model=client.model,
+                judge_prompt=client.prompt_version) if protocol else out
 
 
 def judge_client(args):
@@ -384,8 +374,7 @@ def bench_sample(question: dict, num_frames: int | None, protocol=None, system: 
 
 
 def encode_prompt(sample: dict, model) -> dict | None:
-    """A prompt sample -> data.encode_sample's tensors, or None (a warning names the file) if its media won't read;
-    a prompt longer than the model's context (tokenizer's model_max_length, LM's max positions) is warned of."""
+    """A prompt -> data.encode_sample's tensors, or None if its media won't read (warned, as overlong prompts are)."""
     try:
         encoded = data.encode_sample(sample, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
     except (OSError, ValueError) as e:
@@ -431,17 +420,15 @@ def bench_questions(bench: str, splits: list[str], media_root=None, max_bad_frac
 def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=None, batch_size=8, max_new_tokens=256,
               num_frames=8, client=None, max_bad_fraction=0.05, checked=None, protocol=None) -> dict:
     """Model x bench (or `checked`: its bench_questions) -> predictions.jsonl, summary.json, scores.png; the summary.
-    Protocol "instit" (the authors' inference scripts): their pooling forced on `model` (INSTIT_MODEL), every frame of
-    a video, vicuna_v1's system where the tokenizer has no chat template, the checkpoint's own generation config and
-    128 new tokens (`num_frames`, `max_new_tokens` unused); their MC letters and judge (score_mc, score_oe)."""
+    Protocol "instit": the authors' inference scripts (INSTIT_MODEL forced on `model`, vicuna_v1's system where the
+    tokenizer has no chat template) in place of `num_frames`, `max_new_tokens`; their scoring (score_mc, score_oe)."""
     questions = checked or bench_questions(bench, splits, media_root, max_bad_fraction)
-    system, sampling = None, {}
     if protocol:
         model.cfg = dataclasses.replace(model.cfg, **INSTIT_MODEL)
-        num_frames, max_new_tokens, sampling = None, 128, {"do_sample": None}  # every frame; theirs: no arguments
-        system = None if model.tokenizer.chat_template else VICUNA_V1_SYSTEM
+        num_frames, max_new_tokens = None, 128  # None: every frame of a video
+    system = VICUNA_V1_SYSTEM if protocol and not model.tokenizer.chat_template else None
     answers = generate_answers(model, [bench_sample(q, num_frames, protocol, system) for q in questions], batch_size,
-                               max_new_tokens, **sampling)
+                               max_new_tokens, **({"do_sample": None} if protocol else {}))  # its generation config
     predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
                     "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
                    for q, a in zip(questions, answers) if a is not None]
@@ -547,9 +534,7 @@ def ask_frames(image: str | None, video: str | None, num_frames: int) -> tuple[l
     if image or video.lower().endswith(IMAGE_EXTS):  # a one-frame video is named by its file, as an image is
         return [open_image(image or video)], [os.path.basename(image or video)]
     frames, index = data.sample_frames(video, num_frames)
-    if os.path.isdir(video):
-        return frames, [frame_files(video)[i] for i in index]
-    return frames, [f"{i:05d}.jpg" for i in index]
+    return frames, [frame_files(video)[i] for i in index] if os.path.isdir(video) else [f"{i:05d}.jpg" for i in index]
 
 
 def frame_marks(frames: list, names: list[str], masks: dict, boxes: dict, video: bool) -> tuple[list, set]:
@@ -587,8 +572,7 @@ def next_question(chat: bool) -> str:
 
 
 def ask_main(args) -> dict:
-    """`evaluate.py ask`: inputs checked before the model loads, marks drawn in the checkpoint's style, the answer
-    streamed to stdout (--json: one JSON object and nothing else); --chat reads further questions from stdin."""
+    """`evaluate.py ask`: inputs checked before the model loads, marks in the checkpoint's style, answers streamed."""
     from transformers import TextStreamer
 
     boxes, video = dict(parse_box(spec) for spec in args.box), args.video is not None
