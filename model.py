@@ -165,7 +165,7 @@ class Projector(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading the parts. A LLaVA checkpoint is read with key mappings, so the same loaders serve both routes.
+# Loading the parts. A LLaVA checkpoint is read with key mappings, so one path (build_model) serves both routes.
 
 LLAVA_KEYS = {  # llava-hf checkpoints (old "language_model.model.*" and transformers 5 layouts) and LLaVA-NeXT's
     #             original layout (model.vision_tower.vision_tower.*, model.mm_projector.0/.2, the LM's own names)
@@ -178,22 +178,8 @@ LLAVA_KEYS = {  # llava-hf checkpoints (old "language_model.model.*" and transfo
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-
-
-def load_vision(path: str, dtype, device, config=None, key_mapping=None):
-    """A transformers ViT-style vision encoder (the vision half when `path` is a full CLIP/SigLIP)."""
-    from transformers import AutoConfig, AutoModel
-
-    config = config or AutoConfig.from_pretrained(path)
-    config = getattr(config, "vision_config", config)
-    if not (getattr(config, "image_size", None) and getattr(config, "patch_size", None)):
-        raise ValueError(f"{path}: vision model type {config.model_type!r} has no image_size/patch_size; "
-                         "model.py supports ViT-style encoders such as CLIP and SigLIP")
-    return strict_from_pretrained(AutoModel, path, config=config, dtype=dtype, device_map={"": device},
-                                  key_mapping=key_mapping)
+    auto = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return getattr(torch, auto if name == "auto" else name)
 
 
 def strict_from_pretrained(auto_class, path, **kwargs):
@@ -326,7 +312,7 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
 def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel":
     """Load vision encoder, projector and causal LM per `cfg` (all three from cfg.llava_checkpoint, if set, through
     LLAVA_KEYS); with load_in_4bit the LM alone is nf4, as in QLoRA; freeze and wrap them per `cfg`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.load_in_4bit and cfg.lm_training == "full":
@@ -340,13 +326,19 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
     llava = cfg.llava_checkpoint
     keys = LLAVA_KEYS if llava else {}
     _, vision_config, text_config = llava_layout(llava, cfg.vision_model) if llava else (None, None, None)
-    vision = load_vision(llava or cfg.vision_model, dtype, device, vision_config, keys.get("vision"))
+    vision_config = vision_config or AutoConfig.from_pretrained(cfg.vision_model)
+    vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIP/SigLIP: its vision half
+    if not (getattr(vision_config, "image_size", None) and getattr(vision_config, "patch_size", None)):
+        raise ValueError(f"{llava or cfg.vision_model}: vision model type {vision_config.model_type!r} has no "
+                         "image_size/patch_size; model.py supports ViT-style encoders such as CLIP and SigLIP")
+    vision = strict_from_pretrained(AutoModel, llava or cfg.vision_model, config=vision_config, dtype=dtype,
+                                    device_map={"": device}, key_mapping=keys.get("vision"))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype) if cfg.load_in_4bit else None
     lm = strict_from_pretrained(AutoModelForCausalLM, llava or cfg.language_model, config=text_config, dtype=dtype,
                                 quantization_config=quant, device_map={"": device}, key_mapping=keys.get("language"))
     projector_state = checkpoint_tensors(llava, keys["projector"]) if llava else None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llava_checkpoint or cfg.language_model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or llava or cfg.language_model)
     mean, std = image_normalization(cfg.vision_model)
     cfg = replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
     return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state)
@@ -439,9 +431,8 @@ class LlavaStyleModel(nn.Module):
     def trainable_vision_embeddings(self) -> list:
         """The patch and position embeddings, trained only when no block is frozen (trainable_vision_layers >=
         the depth): an encoder learned from scratch would otherwise keep its random ones."""
-        if self.cfg.trainable_vision_layers < self.vision_depth:
-            return []
-        return [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]
+        embeddings = [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]
+        return embeddings if self.cfg.trainable_vision_layers >= self.vision_depth else []
 
     def _freeze_vision(self):
         """Freeze all but the trainable tail: frozen layers record no autograd graph, as no_grad would, but the tail
@@ -468,9 +459,8 @@ class LlavaStyleModel(nn.Module):
         actual = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
         if actual != expected:
             raise RuntimeError(f"trainable parameters {actual} differ from what the config implies {expected}")
-        total = sum(p.numel() for p in self.parameters())
-        log.info("trainable parameters: %s = %d of %d (%.2f%%)", actual, sum(actual.values()), total,
-                 100 * sum(actual.values()) / total)
+        trained, total = sum(actual.values()), sum(p.numel() for p in self.parameters())
+        log.info("trainable parameters: %s = %d of %d (%.2f%%)", actual, trained, total, 100 * trained / total)
 
     def compile_blocks(self, **options):
         """torch.compile each block of the vision encoder and the LM (regional compilation): alike blocks share one
@@ -648,8 +638,8 @@ class LlavaStyleModel(nn.Module):
         config_file = Path(path, "model_config.json")
         if not config_file.exists():  # e.g. written by merge_to_llava_hf
             return cls.from_llava_hf(path, device=device, **overrides)
-        saved = json.loads(config_file.read_text())
-        saved.setdefault("pool_position", "before")  # saved before pooling could come after the projector
+        # a config saved before pooling could come after the projector pooled before it
+        saved = {"pool_position": "before", **json.loads(config_file.read_text())}
         names = {f.name for f in fields(ModelConfig)}
         cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
         return build_model(cfg, device).load_trained(str(Path(path, "trained.safetensors")), strict)
@@ -664,10 +654,9 @@ class LlavaStyleModel(nn.Module):
             state = load_file(file, device=str(self.device))
         except SafetensorError as e:  # a cut or overwritten file: its header no longer matches its size
             raise ValueError(f"{file}: corrupt ({e}); save it again, or load an earlier checkpoint") from None
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
+        expected = set(self.trained_state_dict())
         missing = expected - set(state)
-        unexpected = set(state) - (expected if strict else set(params))
+        unexpected = set(state) - (expected if strict else {name for name, _ in self.named_parameters()})
         if unexpected or (strict and missing):
             raise ValueError(f"{file}: trained tensors do not fit this model's config (missing "
                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
