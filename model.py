@@ -404,12 +404,11 @@ class LlavaStyleModel(nn.Module):
         are attached, so it cannot upcast the vision tower to fp32 (63 -> 81 GB in a bitsandbytes report)."""
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        ckpt_kwargs = {"use_reentrant": False}
         if self.cfg.load_in_4bit:
             lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=self.cfg.gradient_checkpointing,
-                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         elif self.cfg.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.requires_grad_(self.cfg.lm_training == "full")
         self._expected_lm_trainable = sum(p.numel() for p in lm.parameters()) if self.cfg.lm_training == "full" else 0
         if self.cfg.lm_training == "lora":
@@ -517,8 +516,7 @@ class LlavaStyleModel(nn.Module):
         rows, cols = anyres_grid(self.cfg, image_size)
         (height, width), kept = anyres_shape(self.cfg, image_size)
         tiles = x[1:].view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * grid, cols * grid)
-        top, left = (rows * grid - height) // 2, (cols * grid - width) // 2
-        tiles = tiles[:, top:top + height, left:left + width]
+        tiles = tiles.narrow(1, (rows * grid - height) // 2, height).narrow(2, (cols * grid - width) // 2, width)
         if kept != (height, width):
             tiles = F.interpolate(tiles[None], size=kept, mode="bilinear")[0]
         newline = self.projector.image_newline.to(tiles.dtype)[:, None, None].expand(dim, kept[0], 1)
