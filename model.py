@@ -4,9 +4,8 @@ AnyRes tiles (images) -> causal LM.
 Read top to bottom as data flows: `ModelConfig` and `num_visual_tokens` (tokens per image or video), loading the three
 parts, `LlavaStyleModel.forward` (features fill the `<image>` positions data.py expanded), generation, saving, merging.
 
-Any transformers ViT-style encoder (CLIP, SigLIP) and any causal LM compose; transformers' LLaVA-1.5, LLaVA-NeXT and
-LLaVA-OneVision checkpoints, and LLaVA-NeXT's original layout (INST-IT's released models), are adopted with
-`LlavaStyleModel.from_llava_hf`."""
+Any transformers ViT-style encoder (CLIP, SigLIP) and causal LM compose; `LlavaStyleModel.from_llava_hf` adopts
+transformers' LLaVA-1.5, -NeXT and -OneVision checkpoints and LLaVA-NeXT's original layout (INST-IT's models)."""
 import itertools
 import json
 import logging
@@ -128,10 +127,8 @@ def anyres_tiles(image: Image.Image, cfg: ModelConfig) -> list[torch.Tensor]:
     transformers' LlavaNextImageProcessor makes them (LLaVA-NeXT)."""
     side, (rows, cols) = cfg.image_size, anyres_grid(cfg, (image.height, image.width))
     width, height = cols * side, rows * side
-    if width / image.width < height / image.height:
-        size = (width, min(math.ceil(image.height * (width / image.width)), height))
-    else:
-        size = (min(math.ceil(image.width * (height / image.height)), width), height)
+    scale = min(width / image.width, height / image.height)  # the side that reaches its tile edge first
+    size = (min(math.ceil(image.width * scale), width), min(math.ceil(image.height * scale), height))
     canvas = Image.new("RGB", (width, height))
     canvas.paste(image.resize(size, Image.BICUBIC), ((width - size[0]) // 2, (height - size[1]) // 2))
     tiles = [canvas.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
@@ -160,16 +157,15 @@ class Projector(nn.Module):
     def __init__(self, vision_dim: int, lm_dim: int, newline: bool = False):
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim, lm_dim)
-        self.act = nn.GELU()
         self.linear_2 = nn.Linear(lm_dim, lm_dim)
         self.image_newline = nn.Parameter(torch.randn(lm_dim) / math.sqrt(lm_dim)) if newline else None
 
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+    def forward(self, x):  # in the projector's own dtype: fp32 master weights while training
+        return self.linear_2(F.gelu(self.linear_1(x.to(self.linear_1.weight.dtype))))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading the parts. A LLaVA checkpoint is read with key mappings, so the same loaders serve both routes.
+# Loading the parts. A LLaVA checkpoint is read with key mappings, so one path (build_model) serves both routes.
 
 LLAVA_KEYS = {  # llava-hf checkpoints (old "language_model.model.*" and transformers 5 layouts) and LLaVA-NeXT's
     #             original layout (model.vision_tower.vision_tower.*, model.mm_projector.0/.2, the LM's own names)
@@ -179,25 +175,11 @@ LLAVA_KEYS = {  # llava-hf checkpoints (old "language_model.model.*" and transfo
     "projector": {r"^(model\.)?(multi_modal_projector\.)?(?=linear_\d\.|image_newline$)": "",
                   r"^model\.mm_projector\.0\.": "linear_1.", r"^model\.mm_projector\.2\.": "linear_2."},
 }
-ADOPTED = ("llava", "llava_next", "llava_onevision")  # transformers model types from_llava_hf adopts
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-
-
-def load_vision(path: str, dtype, config=None, key_mapping=None):
-    """A transformers ViT-style vision encoder (the vision half when `path` is a full CLIP/SigLIP)."""
-    from transformers import AutoConfig, AutoModel
-
-    config = config or AutoConfig.from_pretrained(path)
-    config = getattr(config, "vision_config", config)
-    if not (getattr(config, "image_size", None) and getattr(config, "patch_size", None)):
-        raise ValueError(f"{path}: vision model type {config.model_type!r} has no image_size/patch_size; "
-                         "model.py supports ViT-style encoders such as CLIP and SigLIP")
-    return strict_from_pretrained(AutoModel, path, config=config, dtype=dtype, key_mapping=key_mapping)
+    auto = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return getattr(torch, auto if name == "auto" else name)
 
 
 def strict_from_pretrained(auto_class, path, **kwargs):
@@ -236,17 +218,6 @@ def encoder_layers(vision: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(vision).__name__}: no encoder.layers found; not a ViT-style encoder")
 
 
-def load_language_model(path: str, cfg: ModelConfig, dtype, device, config=None, key_mapping=None):
-    """A causal LM, quantized to nf4 when cfg.load_in_4bit: the language model only, as QLoRA does; the vision
-    tower and projector keep their precision."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype) if cfg.load_in_4bit else None
-    return strict_from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, quantization_config=quant,
-                                  device_map={"": device}, key_mapping=key_mapping)
-
-
 def checkpoint_tensors(path: str, mapping: dict) -> dict:
     """Tensors of a (sharded) safetensors checkpoint whose names match a pattern of `mapping`, renamed by it."""
     from safetensors import safe_open
@@ -279,7 +250,7 @@ def llava_layout(path: str, tower: str | None = None) -> tuple[dict, object, obj
     if "mm_vision_tower" in config:
         return original_layout(path, config, tower or config["mm_vision_tower"])
     llava = AutoConfig.from_pretrained(path)
-    if llava.model_type not in ADOPTED:
+    if llava.model_type not in ("llava", "llava_next", "llava_onevision"):
         raise ValueError(f"{path}: a {llava.model_type!r} checkpoint ({', '.join(llava.architectures or [])}) is not "
                          "supported; model.py adopts transformers' Llava, LlavaNext and LlavaOnevision "
                          "ForConditionalGeneration checkpoints and LLaVA-NeXT's original layout (mm_vision_tower)")
@@ -296,8 +267,7 @@ def llava_layout(path: str, tower: str | None = None) -> tuple[dict, object, obj
 
 
 def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, object]:
-    """config.json of a checkpoint in LLaVA-NeXT's original layout (LLaVA-VL/LLaVA-NeXT's code, in which INST-IT
-    publishes its models) -> (ModelConfig fields, vision config, text config).
+    """llava_layout for the config.json of LLaVA-NeXT's original layout (LLaVA-VL/LLaVA-NeXT's code: INST-IT's models).
 
     The tower's config and image normalisation come from `tower`, its weights from the checkpoint; a SigLIP tower is
     cut as that code cuts it (last layer and head deleted). Grid pinpoints there are (width, height), or
@@ -340,8 +310,9 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
 
 
 def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel":
-    """Load vision encoder, projector and causal LM per `cfg`; freeze, quantize and wrap them per `cfg`."""
-    from transformers import AutoTokenizer
+    """Load vision encoder, projector and causal LM per `cfg` (all three from cfg.llava_checkpoint, if set, through
+    LLAVA_KEYS); with load_in_4bit the LM alone is nf4, as in QLoRA; freeze and wrap them per `cfg`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.load_in_4bit and cfg.lm_training == "full":
@@ -352,19 +323,25 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     dtype = resolve_dtype(cfg.dtype)
-    if cfg.llava_checkpoint:
-        _, vision_config, text_config = llava_layout(cfg.llava_checkpoint, cfg.vision_model)
-        vision = load_vision(cfg.llava_checkpoint, dtype, vision_config, LLAVA_KEYS["vision"])
-        lm = load_language_model(cfg.llava_checkpoint, cfg, dtype, device, text_config, LLAVA_KEYS["language"])
-        projector_state = checkpoint_tensors(cfg.llava_checkpoint, LLAVA_KEYS["projector"])
-    else:
-        vision = load_vision(cfg.vision_model, dtype)
-        lm = load_language_model(cfg.language_model, cfg, dtype, device)
-        projector_state = None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llava_checkpoint or cfg.language_model)
+    llava = cfg.llava_checkpoint
+    keys = LLAVA_KEYS if llava else {}
+    _, vision_config, text_config = llava_layout(llava, cfg.vision_model) if llava else (None, None, None)
+    vision_config = vision_config or AutoConfig.from_pretrained(cfg.vision_model)
+    vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIP/SigLIP: its vision half
+    if not (getattr(vision_config, "image_size", None) and getattr(vision_config, "patch_size", None)):
+        raise ValueError(f"{llava or cfg.vision_model}: vision model type {vision_config.model_type!r} has no "
+                         "image_size/patch_size; model.py supports ViT-style encoders such as CLIP and SigLIP")
+    vision = strict_from_pretrained(AutoModel, llava or cfg.vision_model, config=vision_config, dtype=dtype,
+                                    device_map={"": device}, key_mapping=keys.get("vision"))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype) if cfg.load_in_4bit else None
+    lm = strict_from_pretrained(AutoModelForCausalLM, llava or cfg.language_model, config=text_config, dtype=dtype,
+                                quantization_config=quant, device_map={"": device}, key_mapping=keys.get("language"))
+    projector_state = checkpoint_tensors(llava, keys["projector"]) if llava else None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or llava or cfg.language_model)
     mean, std = image_normalization(cfg.vision_model)
     cfg = replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
-    return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state).to_device(device)
+    return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,7 +357,8 @@ class LlavaStyleModel(nn.Module):
         self.tokenizer = tokenizer
         self.vision = self._truncate_vision(vision)
         self.cfg.has_cls = self._encoder_has_cls()
-        self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, has_newline(cfg)).to(vision.dtype)
+        self.projector = Projector(vcfg.hidden_size, lm.config.hidden_size, has_newline(cfg))
+        self.projector.to(vision.device, vision.dtype)
         if projector_state is not None:
             self.projector.load_state_dict(projector_state)
         self.image_token_id = self._add_image_token(lm)
@@ -404,8 +382,7 @@ class LlavaStyleModel(nn.Module):
         """Shape-based: an encoder has a CLS token iff it emits grid^2 + 1 tokens (CLIP yes, SigLIP no)."""
         size = self.cfg.image_size
         pixels = torch.zeros(1, 3, size, size, dtype=self.vision.dtype, device=self.vision.device)
-        tokens = self.vision(pixels, output_hidden_states=True).hidden_states[-1].shape[1]
-        return tokens == (size // self.cfg.patch_size) ** 2 + 1
+        return self.vision(pixels).last_hidden_state.shape[1] == (size // self.cfg.patch_size) ** 2 + 1
 
     def _add_image_token(self, lm) -> int:
         """Add `<image>` to the tokenizer if missing; new embedding rows are the mean of the old ones, so a
@@ -427,18 +404,16 @@ class LlavaStyleModel(nn.Module):
         are attached, so it cannot upcast the vision tower to fp32 (63 -> 81 GB in a bitsandbytes report)."""
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        ckpt_kwargs = {"use_reentrant": False}
         if self.cfg.load_in_4bit:
             lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=self.cfg.gradient_checkpointing,
-                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         elif self.cfg.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.requires_grad_(self.cfg.lm_training == "full")
         self._expected_lm_trainable = sum(p.numel() for p in lm.parameters()) if self.cfg.lm_training == "full" else 0
         if self.cfg.lm_training == "lora":
-            head = lm.get_output_embeddings()
-            linears = [m for m in lm.modules() if isinstance(m, nn.Linear) and m is not head]
-            self._expected_lm_trainable = sum(self.cfg.lora_r * (m.in_features + m.out_features) for m in linears)
+            self._expected_lm_trainable = sum(self.cfg.lora_r * (m.in_features + m.out_features) for m in lm.modules()
+                                              if isinstance(m, nn.Linear) and m is not lm.get_output_embeddings())
             lm = get_peft_model(lm, LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
                                                lora_dropout=self.cfg.lora_dropout, target_modules="all-linear",
                                                task_type="CAUSAL_LM"))
@@ -455,9 +430,8 @@ class LlavaStyleModel(nn.Module):
     def trainable_vision_embeddings(self) -> list:
         """The patch and position embeddings, trained only when no block is frozen (trainable_vision_layers >=
         the depth): an encoder learned from scratch would otherwise keep its random ones."""
-        if self.cfg.trainable_vision_layers < self.vision_depth:
-            return []
-        return [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]
+        embeddings = [module for name, module in self.vision.named_modules() if name.endswith("embeddings")]
+        return embeddings if self.cfg.trainable_vision_layers >= self.vision_depth else []
 
     def _freeze_vision(self):
         """Freeze all but the trainable tail: frozen layers record no autograd graph, as no_grad would, but the tail
@@ -484,21 +458,14 @@ class LlavaStyleModel(nn.Module):
         actual = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
         if actual != expected:
             raise RuntimeError(f"trainable parameters {actual} differ from what the config implies {expected}")
-        total = sum(p.numel() for p in self.parameters())
-        log.info("trainable parameters: %s = %d of %d (%.2f%%)", actual, sum(actual.values()), total,
-                 100 * sum(actual.values()) / total)
+        trained, total = sum(actual.values()), sum(p.numel() for p in self.parameters())
+        log.info("trainable parameters: %s = %d of %d (%.2f%%)", actual, trained, total, 100 * trained / total)
 
     def compile_blocks(self, **options):
         """torch.compile each block of the vision encoder and the LM (regional compilation): alike blocks share one
         graph, compiled in seconds, that fuses element-wise work; names and checkpoints stay as they are."""
         for block in [*encoder_layers(self.vision), *self.lm.get_decoder().layers]:
             block.compile(**options)
-        return self
-
-    def to_device(self, device):
-        """Move vision and projector; the LM was placed by from_pretrained (4-bit weights cannot be moved)."""
-        self.vision.to(device)
-        self.projector.to(device)
         return self
 
     @property
@@ -525,27 +492,22 @@ class LlavaStyleModel(nn.Module):
             raise ValueError(f"a visual has {frames} frames, more than max_frames={self.cfg.max_frames}; "
                              "sample fewer frames (data.sample_frames)")
         hidden = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True).hidden_states[-1]
-        patches = hidden[:, 1:] if self.cfg.has_cls else hidden  # (F, grid^2, Dv)
-        unpooled = hidden if self.cfg.vision_feature_select_strategy == "full" else patches
         cfg, newline, features = self.cfg, self.projector.image_newline, []
-        for x, pat, pooled, size in zip(unpooled.split(visual_frames), patches.split(visual_frames), visual_pooled,
-                                        image_sizes):
+        for x, pooled, size in zip(hidden.split(visual_frames), visual_pooled, image_sizes):
+            pat = x[:, 1:] if cfg.has_cls else x  # (frames, grid^2, Dv)
             if pooled and cfg.pool_position == "before":
-                x = self.project(pool_frames(pat, cfg.pool_stride, cfg.pool_mode))
+                x = self.projector(pool_frames(pat, cfg.pool_stride, cfg.pool_mode))
             elif pooled:
-                x = pool_frames(self.project(pat), cfg.pool_stride, cfg.pool_mode)
+                x = pool_frames(self.projector(pat), cfg.pool_stride, cfg.pool_mode)
             elif size is not None:
-                x = self.pack_anyres(self.project(pat), size)
+                x = self.pack_anyres(self.projector(pat), size)
             else:
-                x = self.project(x)
+                x = self.projector(x if cfg.vision_feature_select_strategy == "full" else pat)
             x = x.reshape(-1, x.shape[-1])
             if newline is not None and size is None and (cfg.video_newline or not pooled):
                 x = torch.cat([x, newline[None].to(x.dtype)])
             features.append(x)
         return torch.cat(features)
-
-    def project(self, x):
-        return self.projector(x.to(self.projector.linear_1.weight.dtype))
 
     def pack_anyres(self, x, image_size) -> torch.Tensor:
         """(1 + tiles, grid^2, D) projected base view and tiles -> (N, D): the base view's tokens, then the tiles'
@@ -554,8 +516,7 @@ class LlavaStyleModel(nn.Module):
         rows, cols = anyres_grid(self.cfg, image_size)
         (height, width), kept = anyres_shape(self.cfg, image_size)
         tiles = x[1:].view(rows, cols, grid, grid, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * grid, cols * grid)
-        top, left = (rows * grid - height) // 2, (cols * grid - width) // 2
-        tiles = tiles[:, top:top + height, left:left + width]
+        tiles = tiles.narrow(1, (rows * grid - height) // 2, height).narrow(2, (cols * grid - width) // 2, width)
         if kept != (height, width):
             tiles = F.interpolate(tiles[None], size=kept, mode="bilinear")[0]
         newline = self.projector.image_newline.to(tiles.dtype)[:, None, None].expand(dim, kept[0], 1)
@@ -675,15 +636,13 @@ class LlavaStyleModel(nn.Module):
         config_file = Path(path, "model_config.json")
         if not config_file.exists():  # e.g. written by merge_to_llava_hf
             return cls.from_llava_hf(path, device=device, **overrides)
-        saved = json.loads(config_file.read_text())
-        saved.setdefault("pool_position", "before")  # saved before pooling could come after the projector
+        # a config saved before pooling could come after the projector pooled before it
+        saved = {"pool_position": "before", **json.loads(config_file.read_text())}
         names = {f.name for f in fields(ModelConfig)}
         cfg = replace(ModelConfig(**{k: v for k, v in saved.items() if k in names}), tokenizer=path, **overrides)
-        model = build_model(cfg, device)
-        model.load_trained(str(Path(path, "trained.safetensors")), strict)
-        return model
+        return build_model(cfg, device).load_trained(str(Path(path, "trained.safetensors")), strict)
 
-    def load_trained(self, file: str, strict: bool = True):
+    def load_trained(self, file: str, strict: bool = True) -> "LlavaStyleModel":
         """Load trained tensors. strict: their names must be exactly this model's trainable parameters;
         otherwise each must name a parameter of this model, and trainable ones it lacks keep their init."""
         from safetensors import SafetensorError
@@ -693,21 +652,20 @@ class LlavaStyleModel(nn.Module):
             state = load_file(file, device=str(self.device))
         except SafetensorError as e:  # a cut or overwritten file: its header no longer matches its size
             raise ValueError(f"{file}: corrupt ({e}); save it again, or load an earlier checkpoint") from None
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
+        expected = set(self.trained_state_dict())
         missing = expected - set(state)
-        unexpected = set(state) - (expected if strict else set(params))
+        unexpected = set(state) - (expected if strict else {name for name, _ in self.named_parameters()})
         if unexpected or (strict and missing):
             raise ValueError(f"{file}: trained tensors do not fit this model's config (missing "
                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         self.load_state_dict(state, strict=False)  # the names were checked above
+        return self
 
     @classmethod
     def from_llava_hf(cls, path_or_id: str, device: str | None = None, **overrides) -> "LlavaStyleModel":
         """Adopt a transformers LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint (llava-hf/llava-1.5-7b-hf,
         llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf) or one in LLaVA-NeXT's original
-        layout (Inst-IT/LLaVA-Next-Inst-It-Vicuna-7B), with its vision feature layer, select strategy and AnyRes
-        grids (llava_layout)."""
+        layout (Inst-IT/LLaVA-Next-Inst-It-Vicuna-7B), as llava_layout reads it."""
         if problem := missing_folder(path_or_id):  # from_pretrained sends a folder without model_config.json here
             raise FileNotFoundError(problem)
         layout, _, _ = llava_layout(path_or_id, overrides.get("vision_model"))
@@ -721,7 +679,6 @@ class LlavaStyleModel(nn.Module):
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
-        full.tokenizer = self.tokenizer
         unexpected = full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys  # trained only
         if unexpected:
             raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
