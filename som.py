@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -140,40 +141,9 @@ def coco_instances(coco, image_id: int, min_score: float = 0.5) -> dict:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> its largest 4-connected component. Union-find over each row's runs of True pixels (runs in
-    neighbouring rows join when their columns overlap): a few runs per row, where a flood fill visits every pixel."""
-    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    row, start = np.nonzero(edges == 1)   # runs in row-major order: start column ...
-    end = np.nonzero(edges == -1)[1]      # ... and end column (exclusive) of each
-    parent = list(range(len(start)))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = i = parent[parent[i]]
-        return i
-
-    first = np.searchsorted(row, np.arange(mask.shape[0] + 1)).tolist()  # runs of row y: first[y]:first[y+1]
-    for y in range(1, mask.shape[0]):  # join each run of row y - 1 to the runs of row y it overlaps, left to right
-        a, b = slice(first[y - 1], first[y]), slice(first[y], first[y + 1])
-        for i, j in np.argwhere((start[a, None] < end[b]) & (start[b] < end[a, None])).tolist():
-            parent[root(a.start + i)] = root(b.start + j)
-    roots = np.array([root(i) for i in range(len(start))])
-    sizes = np.bincount(roots, weights=end - start)
-    run = np.cumsum(edges[:, :-1] == 1).reshape(mask.shape) - 1  # each pixel's run: the starts up to it, row-major
-    return mask & (roots[run] == sizes.argmax())
-
-
-def _squared_distance(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> squared Euclidean distance of each pixel to the nearest False one (outside counts as False).
-    Exact: vertical distances g per column, then min over x' of g(x')^2 + (x - x')^2; O(h w^2), so keep w small."""
-    p = np.pad(mask, 1)
-    h, w = p.shape
-    rows = np.arange(h)[:, None]
-    above = np.maximum.accumulate(np.where(p, -2 * h, rows), axis=0)  # nearest background row at or above
-    below = np.minimum.accumulate(np.where(p, 4 * h, rows)[::-1], axis=0)[::-1]
-    g = np.minimum(rows - above, below - rows)
-    cols = np.arange(w)
-    return (g[:, None, :] ** 2 + (cols[:, None] - cols[None, :]) ** 2).min(-1)[1:-1, 1:-1]
+    """(h, w) bool -> its largest 4-connected component (the first in raster order among equals)."""
+    components, _ = ndimage.label(mask)
+    return components == np.bincount(components.ravel())[1:].argmax() + 1
 
 
 LABEL_GRID = 64  # label_position's working resolution: 1/64 of the mask is precise enough for a label
@@ -194,8 +164,8 @@ def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]
     blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
     small = blocks.all((1, 3))  # a block counts only when wholly inside: a narrow gap in a C stays open
     small = small if small.any() else blocks.any((1, 3))  # a shape thinner than a block: "any" keeps thin bars alive
-    d2 = _squared_distance(_largest_component(small))
-    peak = np.argwhere(d2 == d2.max())
+    d = ndimage.distance_transform_edt(np.pad(_largest_component(small), 1))[1:-1, 1:-1]  # to the nearest False
+    peak = np.argwhere(d == d.max())
     cy, cx = np.minimum(peak[np.argmin(((peak - peak.mean(0)) ** 2).sum(1))] * f + f // 2, np.array(crop.shape) - 1)
     if not crop[cy, cx]:  # the block centre missed the (downsampled) mask: take the nearest mask pixel
         pixels = np.argwhere(crop)
@@ -213,13 +183,6 @@ def id_colour(instance_id) -> tuple[int, int, int]:
     key = str(instance_id).strip()
     n = int(key) if key.isdecimal() else zlib.crc32(key.encode())
     return tuple(round(c * 255) for c in colorsys.hsv_to_rgb((n * 0.618033988749895) % 1.0, 0.85, 0.95))
-
-
-def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
-    for _ in range(steps):
-        p = np.pad(mask, 1)
-        mask = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask
 
 
 @dataclass(frozen=True)
@@ -253,10 +216,10 @@ def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_pla
             continue
         colour = np.array(style.colour or id_colour(instance_id), np.float32)
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # the mask is empty outside, as _erode assumes
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # the mask is empty outside: eroding the box is exact
         crop, region = mask[box], pixels[box]  # region is a view into pixels
         region[crop] = (region[crop] * (1 - style.fill) + colour * style.fill).round().astype(np.uint8)
-        region[crop & ~_erode(crop, line_width)] = colour  # the contour
+        region[crop & ~ndimage.binary_erosion(crop, iterations=line_width)] = colour  # the contour
         x, y = places.get(instance_id, (w, h))  # (w, h) lies outside the frame: no place yet
         if not (x < w and y < h and mask[y, x]):  # a new ID, or its place has left the mask
             places[instance_id] = label_position(mask, style.grid)
