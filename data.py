@@ -666,22 +666,22 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
         ins = data["data"].get(ins_id)
         if ins is None:
             raise RecordError(field, f"instruction {ins_id} not in {instructions}")
-        frames = []
-        for image_id in required(ins, "image_ids", list, ins_id):
+        frames = []  # no image_ids: a text-only instruction, as Otter reads one
+        for image_id in required(ins, "image_ids", list, ins_id) if ins.get("image_ids") is not None else []:
             if image_id not in pictures:
                 raise RecordError(f"{ins_id}.image_ids", f"image {image_id} not in {images}")
-            try:
-                frames.append(base64.b64decode(pictures[image_id], validate=True))
+            try:  # the standard alphabet or the url-safe one (-_) that Otter's urlsafe_b64decode reads
+                frames.append(base64.b64decode(pictures[image_id], altchars=b"-_", validate=True))
             except ValueError:
                 raise RecordError(f"{ins_id}.image_ids", f"image {image_id} is not valid base64") from None
-        question = f"{PLACEHOLDER}\n{required(ins, 'instruction', str, ins_id)}"
+        question = (f"{PLACEHOLDER}\n" if frames else "") + required(ins, "instruction", str, ins_id)
         return {"frames": frames}, [{"role": "user", "content": question},
                                     {"role": "assistant", "content": required(ins, "answer", str, ins_id)}]
 
     def convert(item):
         ins_id, context = item
         chunks = [chunk(c, f"{ins_id}.rel_ins_ids") for c in context or []] + [chunk(ins_id, "data")]
-        return [{"id": ins_id, "source": instructions, "visuals": [visual for visual, _ in chunks],
+        return [{"id": ins_id, "source": instructions, "visuals": [v for v, _ in chunks if v["frames"]],
                  "messages": [m for _, turn in chunks for m in turn]}]
 
     return convert_records(instructions, {k: (k, v) for k, v in queries.items()}, convert)
@@ -780,22 +780,25 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
     return samples
 
 
-def load_conversations(path: str, media_root: str | None = None, images: str | None = None, templates=None,
-                       draw_marks: bool = False, max_frames: int = 32, seed: int = 0) -> list[dict]:
-    """Any supported data file -> samples, its format (FORMATS.md) read from its records, whatever the extension."""
+def load_conversations(path: str, media_root: str | None = None, images: str | None = None, train_config=None,
+                       templates=None, draw_marks: bool = False, max_frames: int = 32, seed: int = 0) -> list[dict]:
+    """Any supported data file -> samples, its format (FORMATS.md) read from its records, whatever the extension.
+    MIMIC-IT finds its images and in-context train config (<name>_train.json) beside it, unless they are given."""
     if os.path.isdir(path):
         return load_natural_instructions(path)
     if images is not None:
-        return load_mimicit(path, images)
+        return load_mimicit(path, images, train_config)
     records = read_json(path)
     if isinstance(records, dict) and "Instances" in records:
         return load_natural_instructions(path)
-    if isinstance(records, dict) and "data" in records:  # MIMIC-IT: CGD_instructions.json beside CGD.json
-        images = re.sub(r"_instructions\.json$", ".json", path)
-        if images == path or not os.path.exists(images):
-            raise ValueError(f"{path}: MIMIC-IT instructions need their images file (images=..., or "
-                             f"<name>.json beside <name>_instructions.json)")
-        return load_mimicit(path, images)
+    if isinstance(records, dict) and "data" in records:  # MIMIC-IT: DC_instructions.json, DC.json or DC.parquet
+        name = re.sub(r"_instructions\.json$", "", path)
+        beside = [f for f in (name + ".json", name + ".parquet") if name != path and os.path.exists(f)]
+        if not beside:
+            raise ValueError(f"{path}: MIMIC-IT instructions need their images file (images=..., or <name>.json or "
+                             f"<name>.parquet beside <name>_instructions.json)")
+        train_config = train_config or next((f for f in [name + "_train.json"] if os.path.exists(f)), None)
+        return load_mimicit(path, beside[0], train_config)
     first = next((r for r in records if isinstance(r, dict)), {}) if isinstance(records, list) else {}
     if "task_name" in first:
         if templates is None:
@@ -823,12 +826,13 @@ def main(argv=None):
     show = commands.add_parser("show", help="read a data file in any supported format and print its conversations")
     show.add_argument("path", help="a data file (or a folder of Natural Instructions tasks)")
     show.add_argument("--media-root", help="folder the records' media paths are relative to (default: the file's)")
-    show.add_argument("--images", help="MIMIC-IT: the base64 images file")
+    show.add_argument("--images", help="MIMIC-IT: the base64 images file, .json or .parquet (default: beside it)")
+    show.add_argument("--train-config", help="MIMIC-IT: {ins_id: [in-context ins_ids]} (default: <name>_train.json)")
     show.add_argument("--templates", help="MultiInstruct: JSON {task_name: [instruction templates]}")
     show.add_argument("-n", type=int, default=2, help="how many conversations to print")
     args = parser.parse_args(argv)
     log_to_stderr()
-    samples = load_conversations(args.path, args.media_root, args.images, args.templates)
+    samples = load_conversations(args.path, args.media_root, args.images, args.train_config, args.templates)
     print(f"{args.path}: {len(samples)} conversations")
     for s in samples[:args.n]:  # frames given as bytes or images print as a placeholder, masks not at all
         visuals = [{k: v for k, v in visual.items() if k != "masks"} for visual in s["visuals"]]

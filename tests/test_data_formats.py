@@ -239,6 +239,41 @@ def test_mimicit_in_context_sequences(tmp_path, caplog):
             data.load_mimicit(ins, str(tmp_path / "SD.parquet"))
 
 
+def test_mimicit_as_otter_reads_it(tmp_path, capsys):
+    """Url-safe base64 and text-only instructions (no image_ids) load as Otter's loader reads them; the command line
+    finds <name>.json (or .parquet) and <name>_train.json beside <name>_instructions.json (MIMIC-IT's README)."""
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    urlsafe = base64.urlsafe_b64encode(buf.getvalue()).decode()
+    assert "-" in urlsafe or "_" in urlsafe  # a character the standard alphabet lacks
+    ins = write(tmp_path / "DC_instructions.json", {"meta": {}, "data": {
+        "DC_INS_1": {"instruction": "Say hi.", "answer": "Hi.", "rel_ins_ids": []},  # text-only
+        "DC_INS_2": {"instruction": "What is it?", "answer": "Noise.", "image_ids": ["DC_IMG_1"],
+                     "rel_ins_ids": []}}})
+    write(tmp_path / "DC.json", {"DC_IMG_1": urlsafe})
+    samples = {s["id"]: s for s in data.load_conversations(ins)}
+    assert samples["DC_INS_1"]["visuals"] == [] and samples["DC_INS_1"]["messages"] == chat((U, "Say hi."), (A, "Hi."))
+    frame = data.open_image(samples["DC_INS_2"]["visuals"][0]["frames"][0])
+    assert np.array_equal(np.array(frame), np.array(noise))
+    write(tmp_path / "DC_train.json", {"DC_INS_2": ["DC_INS_1"]})  # beside: the queries and their examples
+    (query,) = data.load_conversations(ins)
+    assert query["messages"] == chat((U, "Say hi."), (A, "Hi."), (U, "<image>\nWhat is it?"), (A, "Noise."))
+    assert len(query["visuals"]) == 1  # the text-only example adds no visual
+    data.main(["show", ins, "--train-config", write(tmp_path / "mine.json", {"DC_INS_1": []})])
+    assert "1 conversations" in capsys.readouterr().out
+    os.remove(tmp_path / "DC.json")
+    (tmp_path / "DC.parquet").write_bytes(b"PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs pyarrow"):
+            data.load_conversations(ins)
+    os.remove(tmp_path / "DC.parquet")
+    with pytest.raises(ValueError, match="or <name>.parquet beside"):
+        data.load_conversations(ins)
+
+
 TEMPLATES = {"grounded_VQA": [f"T{k}: {{question}} in {{region}}" for k in range(5)],
              "image_caption": ["Caption it.", "Describe.", "What is shown?", "Tell me.", "Say it."]}
 
