@@ -539,9 +539,10 @@ def instit_conversations(record: dict, max_frames: int = 32, draw_marks: bool = 
 
 def load_instit_bench(path, splits=None, media_root: str | None = None, check_media: bool = True) -> list[dict]:
     """INST-IT Bench in any shape FORMATS.md lists (a flat JSON/JSONL, a folder of them or of the hub's parquet
-    files, a list of records) -> questions {"question_id", "split", "question", "options": {"A": text, ...} |
-    None, "answer" (MC: the letter; OE: the reference), "media" (image or frame folder), "file"}. The split follows
-    from the record (video_path: video; options: MC); a file named *multi_choice* / *open_ended* must agree."""
+    files, a list of records) -> questions {"question_id", "split", "question" (IDs normalised), "raw_question" (as
+    published), "options": {"A": text, ...} | None, "answer" (MC: the letter; OE: the reference), "media" (image or
+    frame folder), "file"}. The split follows from the record (video_path: video; options: MC); a file named
+    *multi_choice* / *open_ended* must agree."""
     short = {hub: name for name, hub in BENCH_SPLITS.items()}
     wanted = None if splits is None else {short.get(s, s) for s in splits}
     if wanted and not wanted <= set(BENCH_SPLITS):
@@ -593,8 +594,8 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
             visual = media_path(root, visual, check_media, key)
         elif not isinstance(visual, (bytes, Image.Image)):
             raise RecordError(key, f"expected an image, bytes or a path, got {type(visual).__name__}")
-        return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split,
-                 "question": question, "options": options, "answer": answer, "media": visual, "file": file}]
+        return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split, "question": question,
+                 "raw_question": rec["question"], "options": options, "answer": answer, "media": visual, "file": file}]
 
     return [q for file, records, root in sources
             for q in convert_records(file, records, lambda rec: convert(rec, file, root), "question_id")]
