@@ -140,9 +140,8 @@ def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
     """(T, g*g, D) per-frame patch features -> (T, ceil(g/stride)^2, D), INST-IT's 2x2 video pooling.
 
     Odd grids (SigLIP-384: 27x27) round up: "average" averages the last, clipped window; "bilinear" resizes."""
-    t, n, d = x.shape
-    g = math.isqrt(n)
-    x = x.transpose(1, 2).reshape(t, d, g, g)
+    g = math.isqrt(x.shape[1])
+    x = x.transpose(1, 2).unflatten(2, (g, g))  # (T, D, g, g)
     if mode not in ("average", "bilinear"):
         raise ValueError(f"pool_mode must be 'average' or 'bilinear', got {mode!r}")
     x = (F.avg_pool2d(x, stride, stride, ceil_mode=True) if mode == "average"
@@ -575,9 +574,8 @@ class LlavaStyleModel(nn.Module):
                 logits = self.lm.get_output_embeddings()(hidden[:, :-1][labelled])  # (N labelled, V)
                 return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets[labelled]), logits=None)
             logits = self.lm.get_output_embeddings()(hidden)
-        if labels is None:
-            return CausalLMOutputWithPast(logits=logits)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device))
+        loss = None if labels is None else F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                           labels[:, 1:].flatten().to(logits.device))
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def hf_visuals(self, input_ids, pixel_values, image_sizes, videos):
@@ -679,8 +677,7 @@ class LlavaStyleModel(nn.Module):
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
-        unexpected = full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys  # trained only
-        if unexpected:
+        if unexpected := full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys:  # trained only
             raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
         lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
         cfg = self.cfg

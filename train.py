@@ -299,8 +299,7 @@ def build_optimizer(cfg: TrainConfig, groups: dict, base_lr: dict) -> torch.opti
     if cfg.optim == "adamw":
         return torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     import bitsandbytes as bnb
-    paged = cfg.optim == "paged_adamw_8bit"
-    return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, weight_decay=cfg.weight_decay)
+    return bnb.optim.AdamW8bit(params, weight_decay=cfg.weight_decay, is_paged=cfg.optim == "paged_adamw_8bit")
 
 
 # ---------------------------------------------------------------------------------------------------
