@@ -109,8 +109,7 @@ def anyres_shape(cfg: ModelConfig, image_size) -> tuple[tuple[int, int], tuple[i
 
 
 def preprocess_image(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
-    """An RGB image -> (3, S, S) pixels: padded to a square with the mean colour (LLaVA's "pad"), resized
-    (bicubic) to cfg.image_size, normalised with the encoder's mean and std."""
+    """An RGB image -> (3, S, S) pixels: padded to a square of the mean colour (LLaVA's "pad"), resized, normalised."""
     side = max(image.size)
     square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in cfg.image_mean))
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
@@ -615,8 +614,7 @@ class LlavaStyleModel(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, out_dir: str):
-        """model_config.json + trained.safetensors + the tokenizer (with added tokens): all a reload needs,
-        besides the base weights named in the config."""
+        """The config, trained tensors and tokenizer (its added tokens): all a reload needs besides the base weights."""
         from safetensors.torch import save_file
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -671,9 +669,8 @@ class LlavaStyleModel(nn.Module):
         return build_model(replace(cfg, **overrides), device)
 
     def merge_to_llava_hf(self, out_dir: str):
-        """Write a plain transformers checkpoint with LoRA folded in (vision truncated to the used layers, so
-        vision_feature_layer = -1), loadable by transformers and from_llava_hf: LlavaOnevision for a model with
-        anyres_max, LlavaNext for one with AnyRes grids, else Llava."""
+        """Write a transformers Llava, LlavaNext or LlavaOnevision checkpoint (from_llava_hf loads it too): LoRA folded
+        in, vision truncated to the used layers (so vision_feature_layer = -1)."""
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
