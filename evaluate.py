@@ -136,8 +136,7 @@ def _is_article(text: str, m: re.Match) -> bool:
 
 def extract_choice(response: str, options) -> str | None:
     """Free-form answer -> the option letter it chose, or None (INST-IT Bench MC). `options`: letters ("ABCD" or
-    a list) or a dict letter -> option text. A lowercase letter counts only where it cannot be an article ("the
-    answer is a dog" chose nothing); "A" followed by a lowercase word is the article "A person", never option A."""
+    a list) or a dict letter -> option text. An article chooses nothing ("the answer is a dog", "A person")."""
     letters = {o.upper() for o in options}
     text = (response or "").strip()
     for pattern in _CHOICE_PATTERNS:
@@ -248,8 +247,7 @@ def load_predictions(path: str) -> list[dict]:
 
 def plot_scores(summary: dict, path: str):
     """PNG bar chart: this run beside the published INST-IT Table 2 numbers, per split (no matplotlib: a warning)."""
-    plt = data.pyplot()
-    if plt is None:
+    if (plt := data.pyplot()) is None:
         return
     splits = [s for s in PUBLISHED_ORDER if s in summary]
     rows = {**PUBLISHED, "this run": {s: summary[s].get("score", math.nan) for s in splits}}  # nan: no bar

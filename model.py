@@ -109,8 +109,7 @@ def anyres_shape(cfg: ModelConfig, image_size) -> tuple[tuple[int, int], tuple[i
 
 
 def preprocess_image(image: Image.Image, cfg: ModelConfig) -> torch.Tensor:
-    """An RGB image -> (3, S, S) pixels: padded to a square with the mean colour (LLaVA's "pad"), resized
-    (bicubic) to cfg.image_size, normalised with the encoder's mean and std."""
+    """An RGB image -> (3, S, S) pixels: padded to a square of the mean colour (LLaVA's "pad"), resized, normalised."""
     side = max(image.size)
     square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in cfg.image_mean))
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
@@ -140,9 +139,8 @@ def pool_frames(x: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
     """(T, g*g, D) per-frame patch features -> (T, ceil(g/stride)^2, D), INST-IT's 2x2 video pooling.
 
     Odd grids (SigLIP-384: 27x27) round up: "average" averages the last, clipped window; "bilinear" resizes."""
-    t, n, d = x.shape
-    g = math.isqrt(n)
-    x = x.transpose(1, 2).reshape(t, d, g, g)
+    g = math.isqrt(x.shape[1])
+    x = x.transpose(1, 2).unflatten(2, (g, g))  # (T, D, g, g)
     if mode not in ("average", "bilinear"):
         raise ValueError(f"pool_mode must be 'average' or 'bilinear', got {mode!r}")
     x = (F.avg_pool2d(x, stride, stride, ceil_mode=True) if mode == "average"
@@ -575,9 +573,8 @@ class LlavaStyleModel(nn.Module):
                 logits = self.lm.get_output_embeddings()(hidden[:, :-1][labelled])  # (N labelled, V)
                 return CausalLMOutputWithPast(loss=F.cross_entropy(logits.float(), targets[labelled]), logits=None)
             logits = self.lm.get_output_embeddings()(hidden)
-        if labels is None:
-            return CausalLMOutputWithPast(logits=logits)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device))
+        loss = None if labels is None else F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                           labels[:, 1:].flatten().to(logits.device))
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def hf_visuals(self, input_ids, pixel_values, image_sizes, videos):
@@ -617,8 +614,7 @@ class LlavaStyleModel(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, out_dir: str):
-        """model_config.json + trained.safetensors + the tokenizer (with added tokens): all a reload needs,
-        besides the base weights named in the config."""
+        """The config, trained tensors and tokenizer (its added tokens): all a reload needs besides the base weights."""
         from safetensors.torch import save_file
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -673,14 +669,12 @@ class LlavaStyleModel(nn.Module):
         return build_model(replace(cfg, **overrides), device)
 
     def merge_to_llava_hf(self, out_dir: str):
-        """Write a plain transformers checkpoint with LoRA folded in (vision truncated to the used layers, so
-        vision_feature_layer = -1), loadable by transformers and from_llava_hf: LlavaOnevision for a model with
-        anyres_max, LlavaNext for one with AnyRes grids, else Llava."""
+        """Write a transformers Llava, LlavaNext or LlavaOnevision checkpoint (from_llava_hf loads it too): LoRA folded
+        in, vision truncated to the used layers (so vision_feature_layer = -1)."""
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
-        unexpected = full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys  # trained only
-        if unexpected:
+        if unexpected := full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys:  # trained only
             raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
         lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
         cfg = self.cfg

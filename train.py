@@ -286,9 +286,8 @@ def batches(dataset, sampler, pad_token_id, num_workers, start: int, rank=0, wor
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier: linear warmup, then cosine decay to 0 (LLaVA's schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return ((step + 1) / warmup if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
 def build_optimizer(cfg: TrainConfig, groups: dict, base_lr: dict) -> torch.optim.Optimizer:
@@ -299,8 +298,7 @@ def build_optimizer(cfg: TrainConfig, groups: dict, base_lr: dict) -> torch.opti
     if cfg.optim == "adamw":
         return torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     import bitsandbytes as bnb
-    paged = cfg.optim == "paged_adamw_8bit"
-    return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(params, weight_decay=cfg.weight_decay)
+    return bnb.optim.AdamW8bit(params, weight_decay=cfg.weight_decay, is_paged=cfg.optim == "paged_adamw_8bit")
 
 
 # ---------------------------------------------------------------------------------------------------
