@@ -5,8 +5,7 @@ SoM frames (`som.render_som`) go through three GPT stages, written out in the IN
     summarize_video  Y^vid = GPT(P^vid, [Y_1^f ... Y_N^f])   (Eq. 2) one chronological video caption
     generate_qa      Y^qa  = GPT(P^qa,  [Y_1^f ... Y_N^f])   (Eq. 3) open-ended question-answer pairs
 `syphus` turns annotations into MIMIC-IT instruction/answer pairs from a task (system message + in-context
-examples) and `translate` translates them. Read top to bottom: the prompts and Eq. 1-3, the pipeline over a
-dataset, the client (`LLMClient`, shared with evaluate.py's judge), the command line:
+examples) and `translate` translates them; `LLMClient` (shared with evaluate.py's judge) asks the model. Run:
     python annotate.py --input IN.json --media-root DIR --out OUT.json --base-url URL --model NAME
     python annotate.py review OUT.json    # OUT.html: each SoM frame beside its annotations
     python annotate.py syphus --input OUT.json --out PAIRS.json --base-url URL --model NAME [--languages ...]

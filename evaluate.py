@@ -1,9 +1,7 @@
 """The INST-IT Bench scorer (INST-IT 3.2, App. B) and MultiInstruct's Sensitivity (MultiInstruct 5.1).
 
     python evaluate.py run --model DIR_OR_ID --bench PATH --splits image_mc,video_oe --out DIR
-    python evaluate.py score --predictions P.jsonl --mode mc --out S.json
-    python evaluate.py instructions --model DIR --tasks multiinstruct.jsonl --templates T.json --out DIR
-    python evaluate.py ask --model DIR --image photo.jpg --box 1:40,60,200,310 "What is [1] holding?"
+    python evaluate.py score --predictions P.jsonl --mode mc --out S.json     # also: instructions, ask (--help)
 
 Multiple choice: the letter a free-form answer chose (`extract_choice`); no letter counts as wrong (the official
 scorer drops such answers from the denominator, inflating scores). Open-ended: an LLM judge scores 0..1 against
@@ -43,6 +41,10 @@ MC_RANDOM = 25.0
 # The authors' protocol (--protocol instit). The prompt texts are verbatim from inst-it/inst-it
 # inst-it-bench/prompts.py (prompt_template); the system text is LLaVA-NeXT's vicuna_v1 (llava/conversation.py).
 
+INSTIT_ID_RULE = (  # both OE prompts
+    "Use this ID in your response to specify objects, formatted as [ID] for a single object (e.g., “[8]”) or as "
+    "[ID1] [ID2] ... for multiple objects, such as “[3] [4] [5]”. Avoid commas, ranges, or phrases like "
+    "“[1, 2, 3]” or “[1] to [3]”. The IDs in the images and questions match directly.")
 INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
     "image_mc": (
         "Based on the image, select the best answer to the following multiple-choice question. In both the question "
@@ -51,10 +53,8 @@ INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
     "image_oe": (
         "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
         "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
-        "References: In the image, each object has a unique ID. Use this ID in your response to specify objects, "
-        "formatted as [ID] for a single object (e.g., “[8]”) or as [ID1] [ID2] ... for multiple objects, such as "
-        "“[3] [4] [5]”. Avoid commas, ranges, or phrases like “[1, 2, 3]” or “[1] to [3]”. The IDs in the images and "
-        "questions match directly.", "Based on the input image, please answer the question: "),
+        "References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
+        "Based on the input image, please answer the question: "),
     "video_mc": (
         "Based on the video, select the best answer to the following multiple-choice question. In both the question "
         'and options, specific objects are represented using the format [ID] (e.g., "[1]", "[2]"), and time '
@@ -65,12 +65,10 @@ INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
         "as a video, and your task is to answer the given questions based on the video content.\n# Input Format:\n"
         "There are serveral images inputs as video frames. Each frame can be referenced by its timestamp (indicating "
         "when it appears in the video). For example, the first frame can be referred to as <1>.\n# Guidelines and "
-        "Rules:\n- Object References: Each object has a unique ID. Use this ID in your response to specify objects, "
-        "formatted as [ID] for a single object (e.g., “[8]”) or as [ID1] [ID2] ... for multiple objects, such as "
-        "“[3] [4] [5]”. Avoid commas, ranges, or phrases like “[1, 2, 3]” or “[1] to [3]”. The IDs in the images and "
-        "questions match directly.\n- Time References: Use timestamps to indicate moments or intervals in the video. "
-        "For a specific moment, format as <timestamp> (e.g., “at <3>”). For an interval, use "
-        "<start_timestamp>-<end_timestamp> (e.g., “during <5>-<7>”). Always enclose timestamps in <>.",
+        "Rules:\n- Object References: Each object has a unique ID. " + INSTIT_ID_RULE + "\n- Time References: Use "
+        "timestamps to indicate moments or intervals in the video. For a specific moment, format as <timestamp> (e.g., "
+        "“at <3>”). For an interval, use <start_timestamp>-<end_timestamp> (e.g., “during <5>-<7>”). "
+        "Always enclose timestamps in <>.",
         "Based on the input video, please answer the question: "),
 }
 INSTIT_JUDGE_PROMPT = (  # gpt_eval: the video prompt adds the time rule, and its last line lacks the trailing space
@@ -90,11 +88,7 @@ INSTIT_JUDGE_PROMPTS = {"image": INSTIT_JUDGE_PROMPT.format(rule="", end=" "), "
          "<end_timestamp> (e.g., <3>-<5>). Verify that the tester’s response includes accurate time expressions.\n",
     end="")}
 INSTIT_JUDGE_MODEL, INSTIT_JUDGE_VERSION = "gpt-4o-2024-08-06", "inst-it-bench-gpt_eval"
-INSTIT_SCORE_SCHEMA = {  # what the openai SDK sends for their pydantic SampleScore(sample_score: float)
-    "properties": {"sample_score": {"title": "Sample Score", "type": "number"}}, "required": ["sample_score"],
-    "title": "SampleScore", "type": "object", "additionalProperties": False}
-VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                    "helpful, detailed, and polite answers to the user's questions.")
+VICUNA_V1_SYSTEM = data.FALLBACK_SYSTEM.replace("human", "user")  # vicuna_v1: llava_v1's text with "user" for "human"
 # their overwrite_config (mm_spatial_pool_stride 2, bilinear, after the projector, mm_newline_position no_token);
 # no frame cap: a video is every frame of its folder
 INSTIT_MODEL = dict(pool_stride=2, pool_mode="bilinear", pool_position="after", video_newline=False,
@@ -286,7 +280,7 @@ def judge_score(client, question: str, reference: str, prediction: str, video: b
         prompt = INSTIT_JUDGE_PROMPTS["video" if video else "image"]
         item = json.dumps({"question": question, "ground_truth_answer": reference, "tester_response": prediction})
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "text", "text": item}]}]
-        key, schema, name = "sample_score", INSTIT_SCORE_SCHEMA, "SampleScore"
+        key, schema, name = "sample_score", schema_object(sample_score={"type": "number"}), "SampleScore"
     else:
         system = JUDGE_PROMPT.format(media="a video" if video else "an image",
                                      time=", and frames as <t> (intervals <s>-<e>)" if video else "",
@@ -362,7 +356,8 @@ def bench_sample(question: dict, num_frames: int | None, protocol=None, system: 
     options = "\n".join(f"{k}. {v}" for k, v in (question["options"] or {}).items())
     if protocol:
         pre, post = INSTIT_PROMPTS[question["split"]]
-        text = "\n".join([pre, question["question"], options, post] if options else [pre, post, question["question"]])
+        asked = question["raw_question"]  # as published: theirs is not normalised ([3, 4] stays)
+        text = "\n".join([pre, asked, options, post] if options else [pre, post, asked])
     else:
         kind = "mc" if options else "video_oe" if video else "image_oe"
         text = BENCH_PROMPTS[kind].format(question=question["question"], options=options, n=num_frames)
@@ -375,9 +370,8 @@ def encode_prompt(sample: dict, model) -> dict | None:
     """A prompt -> data.encode_sample's tensors, or None if its media won't read (warned, as overlong prompts are)."""
     try:
         encoded = data.encode_sample(sample, model.tokenizer, model.cfg, max_length=10**9, add_generation_prompt=True)
-    except (OSError, ValueError) as e:
-        log.warning("%s: sample %s: %s (skipped)", sample.get("source", "?"), sample.get("id", "?"), e)
-        return None
+    except (OSError, ValueError) as e:  # log.warning returns the None that marks it skipped
+        return log.warning("%s: sample %s: %s (skipped)", sample.get("source", "?"), sample.get("id", "?"), e)
     limit = min(model.tokenizer.model_max_length, getattr(model.lm.config, "max_position_embeddings", math.inf))
     if len(encoded["input_ids"]) > limit:
         log.warning("%s: sample %s: its prompt of %d tokens exceeds the model's context of %d (too many frames?)",
@@ -427,8 +421,8 @@ def run_bench(model, bench: str, splits: list[str], out_dir: str, media_root=Non
     system = VICUNA_V1_SYSTEM if protocol and not model.tokenizer.chat_template else None
     answers = generate_answers(model, [bench_sample(q, num_frames, protocol, system) for q in questions], batch_size,
                                max_new_tokens, **({"do_sample": None} if protocol else {}))  # its generation config
-    predictions = [{"question_id": q["question_id"], "question": q["question"], "model_prediction": a,
-                    "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
+    predictions = [{"question_id": q["question_id"], "question": q["raw_question" if protocol else "question"],
+                    "model_prediction": a, "ground_truth": q["answer"], "split": q["split"], "options": q["options"]}
                    for q, a in zip(questions, answers) if a is not None]
     data.write_json(os.path.join(out_dir, "predictions.jsonl"), predictions)
     skipped = [q for q, a in zip(questions, answers) if a is None]
@@ -455,8 +449,7 @@ def print_summary(summary: dict):
         elif "score" in s:
             note = f"judge; {s['failed']} failed calls counted 0; oe_proxy {s['oe_proxy']:.1f}"
         else:
-            note = (f"no judge configured: oe_proxy {s['oe_proxy']:.1f} "
-                    "(token F1 x [ID] agreement, not comparable to judge scores)")
+            note = f"no judge configured: oe_proxy {s['oe_proxy']:.1f} (token F1 x [ID] agreement, not a judge's score)"
         if s.get("score_authors") is not None:
             note += f"; the authors' count (those dropped): {s['score_authors']:.1f}"
         score = f"{s['score']:7.1f}" if "score" in s else f"{'-':>7}"

@@ -260,10 +260,6 @@ class MixtureSampler(torch.utils.data.Sampler):
             for k in torch.randperm(len(batches), generator=g).tolist():
                 yield batches[k]
 
-    def source_of(self, index: int) -> int:
-        """The source a yielded index belongs to."""
-        return max(s for s, offset in enumerate(self.offsets) if offset <= index and self.sizes[s])
-
     def padded_fraction(self, batches=None) -> float:
         """Fraction of padded tokens (by estimated lengths) over `batches`, default this sampler's batches."""
         rows = [[self.lengths[i] for i in batch] for batch in (batches if batches is not None else self)]

@@ -54,7 +54,7 @@ def vicuna_v1(user):
 def record(split, question_id="q"):
     mc = split.endswith("mc")
     media = {"video_path": "vid"} if split.startswith("video") else {"image": "a.png"}
-    return {"question_id": question_id, "question": "What does [1] do next to [2]?",
+    return {"question_id": question_id, "question": "What do [1, 3] do next to [02]?",  # sent unnormalised
             "answer": "B" if mc else "[1] waits.", **media, **(CHOICES if mc else {})}
 
 
@@ -172,7 +172,7 @@ def test_their_judge_request_and_both_figures(tmp_path, monkeypatch, llm_server,
     assert len(llm_server.bodies) == 2 + 3  # the out-of-range answer was asked again twice, then failed
 
 
-def test_the_schema_is_what_the_sdk_sends_for_their_pydantic_model(tmp_path, monkeypatch, llm_server):
+def test_the_schema_is_what_the_sdk_sends_for_their_pydantic_model_titles_aside(tmp_path, monkeypatch, llm_server):
     completions = pytest.importorskip("openai.lib._parsing._completions")
     from pydantic import BaseModel
 
@@ -185,7 +185,11 @@ def test_the_schema_is_what_the_sdk_sends_for_their_pydantic_model(tmp_path, mon
 
     client = LLMClient(llm_server.url, evaluate.INSTIT_JUDGE_MODEL, prompt_version=evaluate.INSTIT_JUDGE_VERSION)
     assert evaluate.judge_score(client, "q?", "[1] a.", "[1] a.", video=False, protocol="instit") == 1.0
-    assert llm_server.bodies[0]["response_format"] == completions.type_to_response_format_param(SampleScore)
+    def untitled(x):  # pydantic's titles constrain nothing; our schema leaves them out
+        return {k: untitled(v) for k, v in x.items() if k != "title"} if isinstance(x, dict) else x
+
+    sent, theirs = llm_server.bodies[0]["response_format"], completions.type_to_response_format_param(SampleScore)
+    assert untitled(sent) == untitled(theirs)
 
 
 # ---------------------------------------------------------------------------------------------------
