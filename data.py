@@ -672,7 +672,7 @@ def load_mimicit(instructions: str, images: str, train_config: str | None = None
             if image_id not in pictures:
                 raise RecordError(f"{ins_id}.image_ids", f"image {image_id} not in {images}")
             try:  # the standard alphabet or the url-safe one (-_) that Otter's urlsafe_b64decode reads
-                frames.append(base64.b64decode(pictures[image_id], altchars=b"-_", validate=True))
+                frames.append(base64.b64decode(pictures[image_id].translate(str.maketrans("-_", "+/")), validate=True))
             except ValueError:
                 raise RecordError(f"{ins_id}.image_ids", f"image {image_id} is not valid base64") from None
         question = (f"{PLACEHOLDER}\n" if frames else "") + required(ins, "instruction", str, ins_id)
@@ -781,10 +781,9 @@ def load_natural_instructions(path: str, num_examples: int = 2) -> list[dict]:
     return samples
 
 
-def load_conversations(path: str, media_root: str | None = None, images: str | None = None, train_config=None,
-                       templates=None, draw_marks: bool = False, max_frames: int = 32, seed: int = 0) -> list[dict]:
-    """Any supported data file -> samples, its format (FORMATS.md) read from its records, whatever the extension.
-    MIMIC-IT finds its images and in-context train config (<name>_train.json) beside it, unless they are given."""
+def load_conversations(path: str, media_root: str | None = None, images: str | None = None, templates=None,
+                       draw_marks: bool = False, max_frames: int = 32, seed: int = 0, train_config=None) -> list[dict]:
+    """Any supported data file -> samples, its format (FORMATS.md) read from its records, whatever the extension."""
     if os.path.isdir(path):
         return load_natural_instructions(path)
     if images is not None:
@@ -798,8 +797,8 @@ def load_conversations(path: str, media_root: str | None = None, images: str | N
         if not beside:
             raise ValueError(f"{path}: MIMIC-IT instructions need their images file (images=..., or <name>.json or "
                              f"<name>.parquet beside <name>_instructions.json)")
-        train_config = train_config or next((f for f in [name + "_train.json"] if os.path.exists(f)), None)
-        return load_mimicit(path, beside[0], train_config)
+        config = name + "_train.json"  # its in-context examples, when published beside it
+        return load_mimicit(path, beside[0], train_config or (config if os.path.exists(config) else None))
     first = next((r for r in records if isinstance(r, dict)), {}) if isinstance(records, list) else {}
     if "task_name" in first:
         if templates is None:
@@ -828,12 +827,12 @@ def main(argv=None):
     show.add_argument("path", help="a data file (or a folder of Natural Instructions tasks)")
     show.add_argument("--media-root", help="folder the records' media paths are relative to (default: the file's)")
     show.add_argument("--images", help="MIMIC-IT: the base64 images file, .json or .parquet (default: beside it)")
-    show.add_argument("--train-config", help="MIMIC-IT: {ins_id: [in-context ins_ids]} (default: <name>_train.json)")
+    show.add_argument("--train-config", dest="config", help="MIMIC-IT: {ins_id: [example ins_ids]} (default: beside)")
     show.add_argument("--templates", help="MultiInstruct: JSON {task_name: [instruction templates]}")
     show.add_argument("-n", type=int, default=2, help="how many conversations to print")
     args = parser.parse_args(argv)
     log_to_stderr()
-    samples = load_conversations(args.path, args.media_root, args.images, args.train_config, args.templates)
+    samples = load_conversations(args.path, args.media_root, args.images, args.templates, train_config=args.config)
     print(f"{args.path}: {len(samples)} conversations")
     for s in samples[:args.n]:  # frames given as bytes or images print as a placeholder, masks not at all
         visuals = [{k: v for k, v in visual.items() if k != "masks"} for visual in s["visuals"]]

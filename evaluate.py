@@ -355,8 +355,8 @@ def bench_sample(question: dict, num_frames: int | None, protocol=None, system: 
         {"frames": [question["media"]], "pooled": False}
     options = "\n".join(f"{k}. {v}" for k, v in (question["options"] or {}).items())
     if protocol:
-        pre, post = INSTIT_PROMPTS[question["split"]]
-        asked = question["raw_question"]  # as published: theirs is not normalised ([3, 4] stays)
+        # the question as published: theirs is not normalised ([3, 4] stays)
+        (pre, post), asked = INSTIT_PROMPTS[question["split"]], question["raw_question"]
         text = "\n".join([pre, asked, options, post] if options else [pre, post, asked])
     else:
         kind = "mc" if options else "video_oe" if video else "image_oe"

@@ -669,15 +669,15 @@ class LlavaStyleModel(nn.Module):
         return build_model(replace(cfg, **overrides), device)
 
     def merge_to_llava_hf(self, out_dir: str):
-        """Write a transformers Llava, LlavaNext or LlavaOnevision checkpoint (from_llava_hf loads it too): LoRA folded
-        in, vision truncated to the used layers (so vision_feature_layer = -1)."""
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        """Write a transformers Llava, LlavaNext or LlavaOnevision checkpoint, LoRA folded in, vision cut to the used
+        layers (feature layer -1); from_llava_hf loads it with that class's conventions for videos and many images."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, CLIPImageProcessor
 
-        full = build_model(replace(self.cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
+        cfg = self.cfg
+        full = build_model(replace(cfg, load_in_4bit=False), "cpu")  # unquantized base, same vocabulary
         if unexpected := full.load_state_dict(self.trained_state_dict(), strict=False).unexpected_keys:  # trained only
             raise ValueError(f"trained tensors {unexpected[:3]} have no place in the unquantized model")
-        lm = full.lm.merge_and_unload() if self.cfg.lm_training == "lora" else full.lm
-        cfg = self.cfg
+        lm = full.lm.merge_and_unload() if cfg.lm_training == "lora" else full.lm
         kind = "llava_onevision" if cfg.anyres_max else "llava_next" if cfg.image_grid_pinpoints else "llava"
         layout = {} if kind == "llava" else {"image_grid_pinpoints": cfg.image_grid_pinpoints}
         if kind == "llava_onevision":  # without a <video> token, videos use the image token
@@ -697,3 +697,5 @@ class LlavaStyleModel(nn.Module):
         llava.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
         llava.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+        CLIPImageProcessor(size={"shortest_edge": cfg.image_size}, crop_size=cfg.image_size, image_mean=cfg.image_mean,
+                           image_std=cfg.image_std).save_pretrained(out_dir)  # from_llava_hf reads its mean and std

@@ -202,7 +202,7 @@ def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_pla
     `label_places` dict for every frame of a video: a label then stays where it was while that point is in the mask."""
     image = open_image(image)
     w, h = image.size
-    line_width = style.line_width or max(1, round(min(w, h) / 250))
+    line_width = max(1, style.line_width or round(min(w, h) / 250))
     # font: 14 px at 224, 135 px at 4K; the floor for tiny frames
     font_size = style.font_size or max(8, round(min(w, h) / 16))
     pixels = np.array(image)  # (H, W, 3) uint8; each instance is drawn inside its bounding box only

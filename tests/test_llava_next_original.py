@@ -115,6 +115,13 @@ def test_original_layout_gives_the_transformers_logits(original, kind, sizes, tm
             c = again(**batch, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
         assert again.cfg.vision_model.endswith("clip_tower")  # the tower's config and normalisation come from it
         assert (c.logits - b.logits).abs().max() <= 1e-5
+    else:  # merged, it reloads as a transformers LlavaOnevision: the tower's normalisation, OneVision's conventions
+        ours.merge_to_llava_hf(str(tmp_path / "merged"))
+        merged = LlavaStyleModel.from_pretrained(str(tmp_path / "merged"), device="cpu").eval()
+        assert list(merged.cfg.image_mean) == [0.5] * 3 and merged.cfg.video_newline
+        with torch.no_grad():
+            c = merged(**batch, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+        assert (c.logits - b.logits).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("changes, error, message", [

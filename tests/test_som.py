@@ -157,6 +157,8 @@ def test_render_marks_colour_contour_and_label():
     patch = out[y - 4:y + 5, x - 4:x + 5].reshape(-1, 3)
     ink = (0, 0, 0) if sum(c * k for c, k in zip(colour, (0.299, 0.587, 0.114))) > 140 else (255, 255, 255)
     assert (patch == colour).all(1).sum() > 5 and (patch == ink).all(1).sum() > 3  # a label box with its digit
+    thin = np.array(som.render_som(image, {1: box}, MarkStyle(fill=0.0, line_width=-3, font_size=10)))
+    assert tuple(thin[20, 8]) == colour and tuple(thin[20, 9]) == (128, 128, 128)  # a width below 1 draws 1 px
 
 
 def test_colour_depends_only_on_id_and_marks_stay_across_frames():
