@@ -3,7 +3,7 @@
     python som.py FRAMES --masks M.json --out DIR    # FRAMES: an image or a folder of frames
 
 An instance keeps its ID, colour and label place on every frame of a video ("[2]" is one object at <1> and <8>).
-data.py draws marks when it loads masked data, annotate.py before GPT sees a frame. Needs numpy and pillow."""
+data.py draws marks when it loads masked data, annotate.py before GPT sees a frame. Needs numpy, scipy and pillow."""
 import argparse
 import colorsys
 import io
