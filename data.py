@@ -140,15 +140,13 @@ def chat_pieces(messages: list[dict], tokenizer, add_generation_prompt: bool = F
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
     pieces, done = [], ""
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant" and i > 0:
-            prompt, full = render(messages[:i], True), render(messages[:i + 1])
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise ValueError("the tokenizer's chat template renders earlier turns differently as the chat "
-                                 "grows; assistant-only labels cannot be placed (set tokenizer.chat_template to "
-                                 "a simpler one)")
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
+    for i in (k for k, m in enumerate(messages) if k > 0 and m["role"] == "assistant"):
+        prompt, full = render(messages[:i], True), render(messages[:i + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the tokenizer's chat template renders earlier turns differently as the chat grows; "
+                             "assistant-only labels cannot be placed (set tokenizer.chat_template to a simpler one)")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
     return pieces + [(render(messages, add_generation_prompt)[len(done):], False)]
 
 
@@ -541,8 +539,7 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
     """INST-IT Bench in any shape FORMATS.md lists (a flat JSON/JSONL, a folder of them or of the hub's parquet
     files, a list of records) -> questions {"question_id", "split", "question" (IDs normalised), "raw_question" (as
     published), "options": {"A": text, ...} | None, "answer" (MC: the letter; OE: the reference), "media" (image or
-    frame folder), "file"}. The split follows from the record (video_path: video; options: MC); a file named
-    *multi_choice* / *open_ended* must agree."""
+    frame folder), "file"}. The split follows from the record (video_path: video; options: MC)."""
     short = {hub: name for name, hub in BENCH_SPLITS.items()}
     wanted = None if splits is None else {short.get(s, s) for s in splits}
     if wanted and not wanted <= set(BENCH_SPLITS):
