@@ -361,11 +361,10 @@ def log_to_stderr():
 def pyplot():
     """matplotlib.pyplot drawing to files (the Agg backend), or None with a warning when it is not installed."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return log.warning("matplotlib is not installed: no figure (pip install matplotlib)")
+    plt.switch_backend("Agg")
     return plt
 
 
