@@ -310,14 +310,6 @@ def load_frames(rec, media_root, num_frames):
     return [(name, image, segs.get(name, {})) for name, image in zip(names, images)]
 
 
-def visible_instances(entries, size, where):
-    """{ID: {"mask"|"box"|"polygon": ...}} -> {int ID: entry} minus empties (unmarked: naming an [ID] is an error)."""
-    try:
-        return {int(i): e for i, e in entries.items() if instance_mask(e, size, i).any()}
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def _raise_all(errors):
     """The stage failures of one record -> one error (BatchPending if they all wait for a batch)."""
     if errors:
@@ -332,7 +324,10 @@ def render_record(rec, media_root, som_dir, num_frames=8, style: MarkStyle = Mar
     os.makedirs(som_dir / folder, exist_ok=True)
     rendered, places = [], {}  # one label_places per record: a label keeps its place across frames
     for name, image, entries in load_frames(rec, media_root, num_frames):
-        drawn = visible_instances(entries, image.size, f"segmentations of {name}")
+        try:  # {ID: {"mask"|"box"|"polygon": ...}} -> {int ID: entry}; an empty one is unmarked (naming it: error)
+            drawn = {int(i): e for i, e in entries.items() if instance_mask(e, image.size, i).any()}
+        except ValueError as e:
+            raise ValueError(f"segmentations of {name}: {e}") from None
         som = render_som(image, drawn, style, label_places=places)
         som.save(som_dir / folder / name, quality=95)  # format from the frame's extension
         rendered.append((name, som, set(drawn)))
