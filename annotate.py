@@ -276,15 +276,14 @@ def read_dataset(path, media_root=None):
 
 def read_input(path):
     """IN.json (records shaped like the INST-IT masked release, FORMATS.md) -> list, checked before any request."""
-    records, seen = data.read_json(str(path)), set()  # invalid JSON: an error naming the file
+    records, seen = data.read_json(str(path)), {}  # invalid JSON: an error naming the file
     check_schema(records, _OBJECTS, f"{path}: records")
     for n, rec in enumerate(records):
         kind = "video" if "video_path" in rec else "image"
         if f"{kind}_id" not in rec or f"{kind}_path" not in rec:
             raise ValueError(f"{path}: record {n} needs video_id + video_path or image_id + image_path")
-        if (kind, file_safe(rec[f"{kind}_id"])) in seen:
+        if seen.setdefault((kind, file_safe(rec[f"{kind}_id"])), n) != n:  # seen: (kind, ID) -> its first record
             raise ValueError(f"{path}: record {n}: {record_name(rec)} appears twice")
-        seen.add((kind, file_safe(rec[f"{kind}_id"])))
     return records
 
 
