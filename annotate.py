@@ -244,7 +244,6 @@ def file_safe(name):
 
 
 def record_name(rec):
-    """How messages name a record: video_id=... or image_id=..."""
     return f"video_id={rec['video_id']}" if "video_id" in rec else f"image_id={rec.get('image_id')}"
 
 
@@ -613,7 +612,6 @@ def syphus_main(argv):
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
 
     def syphus_record(rec):
-        """One record -> [its pairs, then the pairs in each language]."""
         frames = record_frames(rec)[0]
         context = annotations_text(frames)
         if rec.get("video_level_caption"):
