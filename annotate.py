@@ -154,10 +154,9 @@ def annotations_text(frame_annotations):
             lines.append(f"<{f['timestamp']}>")
         for i, c in f["instance_level"].items():  # a caption may be {"short", "long"} (masked release)
             lines.append(f"[{i}]: {c if isinstance(c, str) else c.get('long') or c.get('short')}")
-        if f.get("image_level"):  # the oracle leaves it empty for a frame with a single instance
-            lines.append(f"Frame: {f['image_level']}")
-        if f.get("temporal_change"):
-            lines.append(f"Change since the previous frame: {f['temporal_change']}")
+        for key, label in (("image_level", "Frame"), ("temporal_change", "Change since the previous frame")):
+            if f.get(key):  # the oracle leaves image_level empty for a frame with a single instance
+                lines.append(f"{label}: {f[key]}")
     return data.normalize_text("\n".join(lines))
 
 
