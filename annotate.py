@@ -154,10 +154,9 @@ def annotations_text(frame_annotations):
             lines.append(f"<{f['timestamp']}>")
         for i, c in f["instance_level"].items():  # a caption may be {"short", "long"} (masked release)
             lines.append(f"[{i}]: {c if isinstance(c, str) else c.get('long') or c.get('short')}")
-        if f.get("image_level"):  # the oracle leaves it empty for a frame with a single instance
-            lines.append(f"Frame: {f['image_level']}")
-        if f.get("temporal_change"):
-            lines.append(f"Change since the previous frame: {f['temporal_change']}")
+        for key, label in (("image_level", "Frame"), ("temporal_change", "Change since the previous frame")):
+            if f.get(key):  # the oracle leaves image_level empty for a frame with a single instance
+                lines.append(f"{label}: {f[key]}")
     return data.normalize_text("\n".join(lines))
 
 
@@ -244,7 +243,6 @@ def file_safe(name):
 
 
 def record_name(rec):
-    """How messages name a record: video_id=... or image_id=..."""
     return f"video_id={rec['video_id']}" if "video_id" in rec else f"image_id={rec.get('image_id')}"
 
 
@@ -276,15 +274,14 @@ def read_dataset(path, media_root=None):
 
 def read_input(path):
     """IN.json (records shaped like the INST-IT masked release, FORMATS.md) -> list, checked before any request."""
-    records, seen = data.read_json(str(path)), set()  # invalid JSON: an error naming the file
+    records, seen = data.read_json(str(path)), {}  # invalid JSON: an error naming the file
     check_schema(records, _OBJECTS, f"{path}: records")
     for n, rec in enumerate(records):
         kind = "video" if "video_path" in rec else "image"
         if f"{kind}_id" not in rec or f"{kind}_path" not in rec:
             raise ValueError(f"{path}: record {n} needs video_id + video_path or image_id + image_path")
-        if (kind, file_safe(rec[f"{kind}_id"])) in seen:
+        if seen.setdefault((kind, file_safe(rec[f"{kind}_id"])), n) != n:  # seen: (kind, ID) -> its first record
             raise ValueError(f"{path}: record {n}: {record_name(rec)} appears twice")
-        seen.add((kind, file_safe(rec[f"{kind}_id"])))
     return records
 
 
@@ -310,14 +307,6 @@ def load_frames(rec, media_root, num_frames):
     return [(name, image, segs.get(name, {})) for name, image in zip(names, images)]
 
 
-def visible_instances(entries, size, where):
-    """{ID: {"mask"|"box"|"polygon": ...}} -> {int ID: entry} minus empties (unmarked: naming an [ID] is an error)."""
-    try:
-        return {int(i): e for i, e in entries.items() if instance_mask(e, size, i).any()}
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def _raise_all(errors):
     """The stage failures of one record -> one error (BatchPending if they all wait for a batch)."""
     if errors:
@@ -332,7 +321,10 @@ def render_record(rec, media_root, som_dir, num_frames=8, style: MarkStyle = Mar
     os.makedirs(som_dir / folder, exist_ok=True)
     rendered, places = [], {}  # one label_places per record: a label keeps its place across frames
     for name, image, entries in load_frames(rec, media_root, num_frames):
-        drawn = visible_instances(entries, image.size, f"segmentations of {name}")
+        try:  # {ID: {"mask"|"box"|"polygon": ...}} -> {int ID: entry}; an empty one is unmarked (naming it: error)
+            drawn = {int(i): e for i, e in entries.items() if instance_mask(e, image.size, i).any()}
+        except ValueError as e:
+            raise ValueError(f"segmentations of {name}: {e}") from None
         som = render_som(image, drawn, style, label_places=places)
         som.save(som_dir / folder / name, quality=95)  # format from the frame's extension
         rendered.append((name, som, set(drawn)))
@@ -619,7 +611,6 @@ def syphus_main(argv):
     client = client_from_args(args, out.with_suffix(".cache.jsonl"))
 
     def syphus_record(rec):
-        """One record -> [its pairs, then the pairs in each language]."""
         frames = record_frames(rec)[0]
         context = annotations_text(frames)
         if rec.get("video_level_caption"):
