@@ -386,8 +386,7 @@ def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_to
     answers = []
     for k in tqdm(range(0, len(samples), batch_size), desc=desc, disable=len(samples) <= batch_size):
         encoded = [encode_prompt(s, model) for s in samples[k:k + batch_size]]
-        if readable := [e for e in encoded if e is not None]:
-            batch = data.collate(readable, model.tokenizer.pad_token_id, padding_side="left")
+        if batch := data.collate(encoded, model.tokenizer.pad_token_id, padding_side="left"):  # None: none readable
             batch = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in batch.items() if key != "labels"}
             out = iter(model.tokenizer.batch_decode(model.generate(**batch, max_new_tokens=max_new_tokens, **sampling),
                                                     skip_special_tokens=True))
