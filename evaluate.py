@@ -152,8 +152,7 @@ def instit_choice(response: str) -> str | None:
     answers over 10 words returns no letter only where there is none, so it changes nothing."""
     for prefix in INSTIT_ANSWER_PREFIXES:
         response = response.replace(prefix, "")
-    letter = re.search("[ABCD]", response)
-    return letter[0] if letter else None
+    return next((c for c in response if c in "ABCD"), None)
 
 
 def score_mc(predictions: list[dict], protocol: str | None = None) -> dict:
