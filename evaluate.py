@@ -24,7 +24,6 @@ import data
 from model import LlavaStyleModel, missing_folder
 from som import IMAGE_EXTS, MarkStyle, frame_files, instance_key, instance_mask, named_ids, open_image, render_som
 
-NUM_FRAMES = 8  # frames sampled per video by `run` and `ask`
 log = logging.getLogger("evaluate")
 # INST-IT paper, Table 2 (a split left out: not reported).
 PUBLISHED = {
@@ -630,7 +629,7 @@ def main(argv=None):
     run.add_argument("--max-bad-fraction", type=float, default=0.05, help="skip unreadable media up to this fraction")
     for cmd in (run, ask_cmd):
         cmd.add_argument("--max-new-tokens", type=int, default=256)
-        cmd.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames sampled per video")
+        cmd.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     score.add_argument("--predictions", required=True)
     score.add_argument("--mode", choices=["mc", "oe"], help="default: from the file (MC ground truths are letters)")
     instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
