@@ -44,21 +44,19 @@ INSTIT_ID_RULE = (  # both OE prompts
     "Use this ID in your response to specify objects, formatted as [ID] for a single object (e.g., “[8]”) or as "
     "[ID1] [ID2] ... for multiple objects, such as “[3] [4] [5]”. Avoid commas, ranges, or phrases like "
     "“[1, 2, 3]” or “[1] to [3]”. The IDs in the images and questions match directly.")
+INSTIT_MC = (  # both MC prompts, formatted with the media and the ID examples (a video's add the time rule)
+    "Based on the {}, select the best answer to the following multiple-choice question. In both the question and "
+    "options, specific objects are represented using the format [ID] (e.g., {}. Respond with only the letter (A, B, "
+    "C, or D) of the correct option.")
 INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
-    "image_mc": (
-        "Based on the image, select the best answer to the following multiple-choice question. In both the question "
-        "and options, specific objects are represented using the format [ID] (e.g., '[1]'', '[2]''. Respond with "
-        "only the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
+    "image_mc": (INSTIT_MC.format("image", "'[1]'', '[2]''"), "The best answer is: "),
     "image_oe": (
         "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
         "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
         "References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
         "Based on the input image, please answer the question: "),
-    "video_mc": (
-        "Based on the video, select the best answer to the following multiple-choice question. In both the question "
-        'and options, specific objects are represented using the format [ID] (e.g., "[1]", "[2]"), and time '
-        'references are shown using the format <timestamp> (e.g., "at <6>" or "during <7>-<8>"). Respond with only '
-        "the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
+    "video_mc": (INSTIT_MC.format("video", '"[1]", "[2]"), and time references are shown using the format <timestamp> '
+                                  '(e.g., "at <6>" or "during <7>-<8>")'), "The best answer is: "),
     "video_oe": (
         "# Task Definition:\nYou are an expert in video analysis. In this task, you will receive a series of frames "
         "as a video, and your task is to answer the given questions based on the video content.\n# Input Format:\n"
