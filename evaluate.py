@@ -24,7 +24,6 @@ import data
 from model import LlavaStyleModel, missing_folder
 from som import IMAGE_EXTS, MarkStyle, frame_files, instance_key, instance_mask, named_ids, open_image, render_som
 
-NUM_FRAMES = 8  # frames sampled per video by `run` and `ask`
 log = logging.getLogger("evaluate")
 # INST-IT paper, Table 2 (a split left out: not reported).
 PUBLISHED = {
@@ -45,21 +44,19 @@ INSTIT_ID_RULE = (  # both OE prompts
     "Use this ID in your response to specify objects, formatted as [ID] for a single object (e.g., “[8]”) or as "
     "[ID1] [ID2] ... for multiple objects, such as “[3] [4] [5]”. Avoid commas, ranges, or phrases like "
     "“[1, 2, 3]” or “[1] to [3]”. The IDs in the images and questions match directly.")
+INSTIT_MC = (  # both MC prompts, formatted with the media and the ID examples (a video's add the time rule)
+    "Based on the {}, select the best answer to the following multiple-choice question. In both the question and "
+    "options, specific objects are represented using the format [ID] (e.g., {}. Respond with only the letter (A, B, "
+    "C, or D) of the correct option.")
 INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
-    "image_mc": (
-        "Based on the image, select the best answer to the following multiple-choice question. In both the question "
-        "and options, specific objects are represented using the format [ID] (e.g., '[1]'', '[2]''. Respond with "
-        "only the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
+    "image_mc": (INSTIT_MC.format("image", "'[1]'', '[2]''"), "The best answer is: "),
     "image_oe": (
         "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
         "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
         "References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
         "Based on the input image, please answer the question: "),
-    "video_mc": (
-        "Based on the video, select the best answer to the following multiple-choice question. In both the question "
-        'and options, specific objects are represented using the format [ID] (e.g., "[1]", "[2]"), and time '
-        'references are shown using the format <timestamp> (e.g., "at <6>" or "during <7>-<8>"). Respond with only '
-        "the letter (A, B, C, or D) of the correct option.", "The best answer is: "),
+    "video_mc": (INSTIT_MC.format("video", '"[1]", "[2]"), and time references are shown using the format <timestamp> '
+                                  '(e.g., "at <6>" or "during <7>-<8>")'), "The best answer is: "),
     "video_oe": (
         "# Task Definition:\nYou are an expert in video analysis. In this task, you will receive a series of frames "
         "as a video, and your task is to answer the given questions based on the video content.\n# Input Format:\n"
@@ -152,8 +149,7 @@ def instit_choice(response: str) -> str | None:
     answers over 10 words returns no letter only where there is none, so it changes nothing."""
     for prefix in INSTIT_ANSWER_PREFIXES:
         response = response.replace(prefix, "")
-    letter = re.search("[ABCD]", response)
-    return letter[0] if letter else None
+    return next((c for c in response if c in "ABCD"), None)
 
 
 def score_mc(predictions: list[dict], protocol: str | None = None) -> dict:
@@ -386,8 +382,7 @@ def generate_answers(model, samples: list[dict], batch_size: int = 8, max_new_to
     answers = []
     for k in tqdm(range(0, len(samples), batch_size), desc=desc, disable=len(samples) <= batch_size):
         encoded = [encode_prompt(s, model) for s in samples[k:k + batch_size]]
-        if readable := [e for e in encoded if e is not None]:
-            batch = data.collate(readable, model.tokenizer.pad_token_id, padding_side="left")
+        if batch := data.collate(encoded, model.tokenizer.pad_token_id, padding_side="left"):  # None: none readable
             batch = {key: v.to(model.device) if hasattr(v, "to") else v for key, v in batch.items() if key != "labels"}
             out = iter(model.tokenizer.batch_decode(model.generate(**batch, max_new_tokens=max_new_tokens, **sampling),
                                                     skip_special_tokens=True))
@@ -632,7 +627,7 @@ def main(argv=None):
     run.add_argument("--max-bad-fraction", type=float, default=0.05, help="skip unreadable media up to this fraction")
     for cmd in (run, ask_cmd):
         cmd.add_argument("--max-new-tokens", type=int, default=256)
-        cmd.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames sampled per video")
+        cmd.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     score.add_argument("--predictions", required=True)
     score.add_argument("--mode", choices=["mc", "oe"], help="default: from the file (MC ground truths are letters)")
     instr.add_argument("--tasks", required=True, help="MultiInstruct .jsonl")
