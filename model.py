@@ -293,8 +293,7 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
                       f"no hub ID in reach ({type(e).__name__}); give a folder or hub ID with the tower's config and "
                       "image processor as vision_model (train.py --vision-model) or as mm_vision_tower") from None
     vision = getattr(vision, "vision_config", vision)
-    siglip = vision.model_type == "siglip_vision_model"
-    if siglip:
+    if siglip := vision.model_type == "siglip_vision_model":
         vision.num_hidden_layers, vision.vision_use_head = vision.num_hidden_layers - 1, False
     side, pinpoints = vision.image_size, config.get("image_grid_pinpoints") or []
     if isinstance(pinpoints, str):  # every grid from the first to the last, e.g. (1x1) to (6x6)

@@ -257,8 +257,7 @@ class MixtureSampler(torch.utils.data.Sampler):
             if self.group_by_length:
                 picks.sort(key=lambda i: self.lengths[i])
             batches = [picks[k:k + self.batch_size] for k in range(0, len(picks), self.batch_size)]
-            for k in torch.randperm(len(batches), generator=g).tolist():
-                yield batches[k]
+            yield from (batches[k] for k in torch.randperm(len(batches), generator=g).tolist())
 
     def padded_fraction(self, batches=None) -> float:
         """Fraction of padded tokens (by estimated lengths) over `batches`, default this sampler's batches."""
@@ -314,15 +313,6 @@ def save_checkpoint(directory, run, rng_generator_states):
     os.replace(tmp, directory)  # a kill mid-save never leaves a half-written checkpoint
 
 
-def rng_states():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    torch.cuda.set_rng_state_all(states["cuda"])  # [] when saved without CUDA: nothing to set
-
-
 def latest_checkpoint(out: str) -> str | None:
     """A run's folder -> its newest complete checkpoint-N folder, or None."""
     # checkpoint-N folders only: not .tmp, nor a checkpoint-final of yours
@@ -371,13 +361,14 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
             group["weight_decay"] = cfg.weight_decay
         step, micro, skipped = state["step"], state["micro_batches"], state.get("skipped", 0)
         # one RNG entry per process of the run that saved it
-        set_rng_states(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
+        rng = state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)]
+        torch.set_rng_state(rng["torch"])
+        torch.cuda.set_rng_state_all(rng["cuda"])  # [] when saved without CUDA: nothing to set
     if accelerator.is_main_process and os.path.exists(metrics):  # resuming: drop the lines logged after the
         # checkpoint (they will be logged again) and one cut by the kill (data.read_json warns, naming the file)
         data.write_json(metrics, [r for r in data.read_json(metrics) if r is not None and r["step"] <= step])
     optimizer = accelerator.prepare(optimizer)
-    main = accelerator.is_main_process
-    if main:  # write_json makes the folder: only the main process writes in it
+    if main := accelerator.is_main_process:  # write_json makes the folder: only the main process writes in it
         data.write_json(os.path.join(cfg.out, "config.json"), {"train": asdict(cfg), "model": asdict(model.cfg)})
     if cfg.report_to:  # trackers take scalars and strings only (tensorboard's hparams)
         accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -473,7 +464,9 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
     run.stopping = bool(accelerator.reduce(torch.tensor(float(stop["signal"] is not None), device=accelerator.device),
                                            "max"))
     if run.step % cfg.save_every == 0 or run.stopping:
-        states = gather_object([rng_states()])  # every process's RNG, so a multi-GPU resume is exact too
+        # every process's RNG states, so a multi-GPU resume is exact too
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        states = gather_object([{"torch": torch.get_rng_state(), "cuda": cuda}])
         if accelerator.is_main_process:
             save_checkpoint(os.path.join(cfg.out, f"checkpoint-{run.step}"), run, states)
     if cfg.eval_bench and accelerator.is_main_process and (
