@@ -47,9 +47,9 @@ DEMO = dict(
     max_grad_norm=1.0, batch_size=16, grad_accum=1, max_steps=400, max_length=1024, num_workers=0, log_every=10,
     save_every=500, eval_splits="image_mc,video_mc")
 DEMO_IMAGE_SIZE, DEMO_PATCH = 96, 16   # a 6x6 patch grid; a mark's label box is about one patch
-DEMO_MARKS = MarkStyle(fill=0.0, colour=(255, 255, 255), grid=DEMO_PATCH)  # for a model that learns to see from
-# scratch: no tint and white marks (the world's saturated colours are what the bench asks about), each label
-# whole in one patch token. Measured: benchmarks/DEMO_HISTORY.md.
+DEMO_MARKS = MarkStyle(fill=0.0, colour=(255, 255, 255), line_width=1, font_size=8, grid=DEMO_PATCH)  # for a model
+# that learns to see from scratch: no tint and white marks (the world's saturated colours are what the bench asks
+# about), 1 px contours and 8 px digits, each label whole in one patch token. Measured: benchmarks/DEMO_HISTORY.md.
 DEMO_MODEL = dict(  # the model's settings: full LM training, the ViT's last layer, LLaVA-NeXT-Video's pooling
     lm_training="full", trainable_vision_layers=1, vision_feature_layer=-1, vision_feature_select_strategy="default",
     max_frames=8, pool_stride=2, pool_mode="average", pool_position="before", load_in_4bit=False,

@@ -6,6 +6,7 @@ An instance keeps its ID, colour and label place on every frame of a video ("[2]
 data.py draws marks when it loads masked data, annotate.py before GPT sees a frame. Needs numpy, scipy and pillow."""
 import argparse
 import colorsys
+import functools
 import io
 import json
 import math
@@ -102,7 +103,7 @@ def instance_mask(spec, size: tuple, instance_id="?") -> np.ndarray:
             return instance_mask([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], size, instance_id)
         return instance_mask(spec[key], size, instance_id)
     elif isinstance(spec, np.ndarray):
-        mask = spec.astype(bool)
+        mask = np.asarray(spec, bool)
     elif isinstance(spec, (list, tuple)) and len(spec) == 4 and all(isinstance(v, (int, float)) for v in spec):
         x0, y0, x1, y1 = spec
         if x1 < x0 or y1 < y0:  # an empty mask is legal (absent from a frame), a reversed box is not
@@ -140,42 +141,82 @@ def coco_instances(coco, image_id: int, min_score: float = 0.5) -> dict:
     return {i + 1: r.get("segmentation") or {"bbox": r["bbox"]} for i, r in enumerate(chosen)}
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """(h, w) bool -> its largest 4-connected component (the first in raster order among equals)."""
-    components, _ = ndimage.label(mask)
-    return components == np.bincount(components.ravel())[1:].argmax() + 1
-
-
 LABEL_GRID = 64  # label_position's working resolution: 1/64 of the mask is precise enough for a label
+LABEL_COVER = 0.25  # render_som: a label hides at most this share of its own instance's mask (but on a ViT's grid)
 
 
-def label_position(mask: np.ndarray, grid: int | None = None) -> tuple[int, int]:
+def label_position(mask: np.ndarray, grid: int | None = None, size=(1, 1), taken=(), max_cover=1.0, prefer=None):
     """(H, W) bool mask -> (x, y) where its ID label goes: the distance-transform peak of its largest component
-    (the image edge counts as border), which lies inside C-shapes, rings and thin bars where a centroid may not.
-    Works on the mask's bounding box downsampled to <= LABEL_GRID px, so 4K frames stay cheap. `grid` (a ViT's
-    patch size): moved to the nearest grid-cell centre inside the mask, so the label lies whole in one patch token."""
+    (the image edge counts as border), inside C-shapes, rings and thin bars where a centroid may not be. Works on the
+    bounding box cut into <= LABEL_GRID cells a side (finer for thin shapes), so 4K frames stay cheap. A label box of
+    `size` (w, h) must not overlap the `taken` boxes [(x, y, w, h)] nor hide more than `max_cover` of the mask: else
+    the next-deepest point, then the one beside the mask nearest the peak; None if none fits. `prefer` (its place on
+    the frame before) stays if inside and fitting. `grid` (a ViT's patch size): cell centres, whole in one token."""
     mask = np.asarray(mask, bool)
+    h, w = mask.shape
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows):
         raise ValueError("an empty mask has no label position")
     crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    f = math.ceil(max(crop.shape) / LABEL_GRID)
+    area = np.count_nonzero(crop)
+
+    def fits(xs, ys):  # which label centres (arrays) keep their box off `taken` and hide at most max_cover
+        x0, y0 = label_box(np.asarray(xs), np.asarray(ys), size, (w, h))
+        ok = np.ones(len(xs), bool)
+        for tx, ty, tw, th in taken:
+            ok &= (x0 >= tx + tw) | (tx >= x0 + size[0]) | (y0 >= ty + th) | (ty >= y0 + size[1])
+        if size[0] * size[1] > max_cover * area:  # a label this large may hide too much: count what it hides
+            hidden = np.pad(crop.cumsum(0, dtype=np.int32).cumsum(1), ((1, 0), (1, 0)))  # mask pixels above-left
+            a, b = (np.clip(v - cols[0], 0, crop.shape[1]) for v in (x0, x0 + size[0]))
+            c, d = (np.clip(v - rows[0], 0, crop.shape[0]) for v in (y0, y0 + size[1]))
+            ok &= hidden[d, b] - hidden[c, b] - hidden[d, a] + hidden[c, a] <= max_cover * area
+        return ok
+
+    if prefer is not None and prefer[0] < w and prefer[1] < h and mask[prefer[1], prefer[0]] and fits(*zip(prefer)):
+        return prefer
+    # cells of LABEL_GRID a side, or 1/6 of a thin shape's width (area / longest side) so its middle line stays
+    f = max(1, min(math.ceil(max(crop.shape) / LABEL_GRID), area // max(crop.shape) // 6))
     padded = np.pad(crop, [(0, -n % f) for n in crop.shape])  # to a multiple of f
     blocks = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f)
     small = blocks.all((1, 3))  # a block counts only when wholly inside: a narrow gap in a C stays open
     small = small if small.any() else blocks.any((1, 3))  # a shape thinner than a block: "any" keeps thin bars alive
-    d = ndimage.distance_transform_edt(np.pad(_largest_component(small), 1))[1:-1, 1:-1]  # to the nearest False
-    peak = np.argwhere(d == d.max())
-    cy, cx = np.minimum(peak[np.argmin(((peak - peak.mean(0)) ** 2).sum(1))] * f + f // 2, np.array(crop.shape) - 1)
-    if not crop[cy, cx]:  # the block centre missed the (downsampled) mask: take the nearest mask pixel
-        pixels = np.argwhere(crop)
-        cy, cx = pixels[np.argmin(((pixels - (cy, cx)) ** 2).sum(1))]
-    x, y = int(cols[0] + cx), int(rows[0] + cy)
-    if grid:
-        centres = np.argwhere(mask[grid // 2::grid, grid // 2::grid]) * grid + grid // 2  # (y, x) inside the mask
-        if len(centres):  # else the mask holds no cell centre: keep the peak
-            y, x = centres[np.argmin(((centres - (y, x)) ** 2).sum(1))].tolist()
-    return x, y
+    components, _ = ndimage.label(small)  # the largest 4-connected part (the first in raster order among equals)
+    small = components == np.bincount(components.ravel())[1:].argmax() + 1
+    depth = ndimage.distance_transform_edt(np.pad(small, 1))[1:-1, 1:-1]  # to the nearest False
+    peaks = np.argwhere(depth == depth.max())
+    centre = peaks.mean(0)
+    peak = peaks[np.argmin(((peaks - centre) ** 2).sum(1))]  # the deepest cell nearest the centre of such cells
+    ys, xs = (np.minimum(peak * f + f // 2, np.array(crop.shape) - 1) + (rows[0], cols[0]))[:, None]
+    centres = np.argwhere(mask[grid // 2::grid, grid // 2::grid]) * grid + grid // 2 if grid else []  # (y, x)
+    if len(centres):  # on a grid: the cell centres inside the mask, nearest the peak first (else keep the peak)
+        ys, xs = centres[np.argsort(((centres - (ys[0], xs[0])) ** 2).sum(1), kind="stable")].T
+    ok = fits(xs[:1], ys[:1])  # the first place fits unless the frame is crowded
+    if not ok[0] and not len(centres):  # then every cell and those beside the mask, the deepest and central first
+        m = math.ceil(max(size) / f)
+        depth = np.pad(depth, m).ravel()
+        cells = np.indices((small.shape[0] + 2 * m, small.shape[1] + 2 * m)).reshape(2, -1).T - m
+        order = np.lexsort((((cells - centre) ** 2).sum(1), -depth))
+        ys, xs = np.clip(cells[order] * f + f // 2 + (rows[0], cols[0]), 0, (h - 1, w - 1)).T
+    if not ok[0]:
+        ok = fits(xs, ys)
+    if not ok.any():
+        return None
+    i = ok.argmax()  # the first that fits
+    return int(xs[i]), int(ys[i])
+
+
+@functools.cache  # every frame of a video draws the same IDs: measuring the text once saves most of a label's cost
+def label_shape(text: str, size: int) -> tuple:
+    """A label's text at a font size -> (font, the text's offset in its box, the box's (w, h))."""
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = font.getbbox(text)
+    pad = max(2, size // 4)
+    return font, (pad - left, pad - top), (right - left + 2 * pad, bottom - top + 2 * pad)
+
+
+def label_box(x, y, size, frame):
+    """A label box of `size` (w, h) centred at (x, y) and moved inside a `frame` (w, h) -> its top-left corner."""
+    return tuple(np.clip(v - s // 2, 0, max(0, n - s)) for v, s, n in zip((x, y), size, frame))
 
 
 def id_colour(instance_id) -> tuple[int, int, int]:
@@ -192,50 +233,54 @@ class MarkStyle:
     fill: float = 0.25                # opacity of the tint over the mask (0: contour only)
     colour: tuple | None = None       # one RGB colour for every mark; None: each ID its own (id_colour)
     line_width: int | None = None     # contour width in px; None: min(w, h) / 250
-    font_size: int | None = None      # label text size in px; None: min(w, h) / 16, at least 8
+    font_size: int | None = None      # label text size in px; None: min(w, h) / 32, at least 8
     grid: int | None = None           # put labels on patch centres of this size (label_position)
 
 
 def render_som(image, instances: dict, style: MarkStyle = MarkStyle(), label_places: dict | None = None) -> Image.Image:
     """An image and {instance ID: mask | RLE | box | polygon} -> a copy with Set-of-Marks drawn (INST-IT 2.1):
-    a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`. Pass the same
-    `label_places` dict for every frame of a video: a label then stays where it was while that point is in the mask."""
+    a light fill and a contour in the ID's colour, and the ID in a label box at `label_position`, clear of the
+    other labels and hiding at most LABEL_COVER of its instance (smaller labels where the frame is crowded). Pass
+    the same `label_places` dict for every frame of a video: a label then stays where it was while it fits there.
+    The result's info["label_boxes"] holds each ID's label box (x, y, w, h)."""
     image = open_image(image)
     w, h = image.size
     line_width = max(1, style.line_width or round(min(w, h) / 250))
-    # font: 14 px at 224, 135 px at 4K; the floor for tiny frames
-    font_size = style.font_size or max(8, round(min(w, h) / 16))
+    font_size = style.font_size or max(8, round(min(w, h) / 32))  # 10 px at 336, 34 px at 1080p
+    sizes = [max(min(font_size, 8), round(font_size * 0.75 ** k)) for k in range(3)]  # smaller ones when crowded
     pixels = np.array(image)  # (H, W, 3) uint8; each instance is drawn inside its bounding box only
     places = {} if label_places is None else label_places
-    labels = []
+    cover = 1.0 if style.grid else LABEL_COVER  # on a ViT's grid a label fills its patch, however small the object
+    labels, taken = [], []  # taken: the label boxes (x, y, w, h) placed so far
     for instance_id, spec in instances.items():
         instance_id = instance_key(instance_id)  # "02" is [2]: same label, colour and place
         mask = instance_mask(spec, (w, h), instance_id)
-        if not mask.any():
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if not len(rows):
             warnings.warn(f"instance {instance_id}: empty mask, no mark drawn")
             continue
         colour = np.array(style.colour or id_colour(instance_id), np.float32)
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # the mask is empty outside: eroding the box is exact
         crop, region = mask[box], pixels[box]  # region is a view into pixels
         region[crop] = (region[crop] * (1 - style.fill) + colour * style.fill).round().astype(np.uint8)
         region[crop & ~ndimage.binary_erosion(crop, iterations=line_width)] = colour  # the contour
-        x, y = places.get(instance_id, (w, h))  # (w, h) lies outside the frame: no place yet
-        if not (x < w and y < h and mask[y, x]):  # a new ID, or its place has left the mask
-            places[instance_id] = label_position(mask, style.grid)
-        labels.append((instance_id, places[instance_id], tuple(int(c) for c in colour)))
+        for size in sizes:
+            font, offset, label = label_shape(instance_id, size)
+            place = label_position(mask, style.grid, label, taken, cover, places.get(instance_id))
+            if place:
+                break
+        else:  # no place fits in a crowded frame: the deepest point, over another label
+            place = label_position(mask, style.grid, label, prefer=places.get(instance_id))
+        places[instance_id] = place
+        taken.append((*(int(v) for v in label_box(*place, label, (w, h))), *label))
+        labels.append((instance_id, font, offset, taken[-1], tuple(int(c) for c in colour)))
     out = Image.fromarray(pixels)
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=font_size)
-    pad = max(2, font_size // 4)
-    for text, (x, y), colour in labels:
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        bw, bh = right - left + 2 * pad, bottom - top + 2 * pad
-        bx = min(max(0, x - bw // 2), max(0, w - bw))
-        by = min(max(0, y - bh // 2), max(0, h - bh))
+    for text, font, (dx, dy), (x0, y0, bw, bh), colour in labels:
         ink = (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
-        draw.rectangle([bx, by, bx + bw - 1, by + bh - 1], fill=colour, outline=ink, width=max(1, font_size // 16))
-        draw.text((bx + pad - left, by + pad - top), text, fill=ink, font=font)
+        draw.rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=colour, outline=ink, width=max(1, font.size // 16))
+        draw.text((x0 + dx, y0 + dy), text, fill=ink, font=font)
+    out.info["label_boxes"] = {text: box for text, _, _, box, _ in labels}  # each ID's label (x, y, w, h)
     return out
 
 
