@@ -392,7 +392,7 @@ def required(record, key: str, kind=str, where: str = ""):
     return record[key]
 
 
-def media_path(root: str, relative: str, check: bool, field: str) -> str:
+def media_path(root: str, relative: str, field: str, check: bool = True) -> str:
     """root/relative; with `check`, a RecordError naming `field` when the file is not there."""
     file = os.path.join(root, relative)
     if check and not os.path.exists(file):
@@ -433,8 +433,7 @@ def normalize_text(text: str) -> str:
     return re.sub(r"<0+([1-9]\d*)>", r"<\1>", text)
 
 
-def load_instit_dataset(path: str, media_root: str | None = None, check_media: bool = True,
-                        records: list | None = None) -> list[dict]:
+def load_instit_dataset(path: str, media_root: str | None = None, records: list | None = None) -> list[dict]:
     """An INST-IT Dataset JSON (video or image part, an image a one-frame video; masks optional; `records`: its content
     when already read) -> records {"id", "file", "frames" (by timestamp): [{"timestamp", "path", "instances": {id:
     caption}, "image_level", "temporal_change", "masks": {id: RLE | box} | None}], "video_caption", "qa": [(q, a)]}."""
@@ -451,7 +450,7 @@ def load_instit_dataset(path: str, media_root: str | None = None, check_media: b
         return normalize_text(value)
 
     def frame(folder, name, instances, image_level, temporal, masks, field, t=1):
-        file = media_path(folder, name, check_media, field)
+        file = media_path(folder, name, field)
         if not isinstance(instances or {}, dict) or not isinstance(masks or {}, dict):
             raise RecordError(field, "instance captions and segmentations must map ID -> value")
         return {"timestamp": t, "path": file, "image_level": image_level and normalize_text(image_level),
@@ -587,7 +586,7 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
         if isinstance(visual, dict):  # a datasets Image feature as stored in parquet
             visual = visual.get("bytes") or visual.get("path")
         if isinstance(visual, str):
-            visual = media_path(root, visual, check_media, key)
+            visual = media_path(root, visual, key, check_media)
         elif not isinstance(visual, (bytes, Image.Image)):
             raise RecordError(key, f"expected an image, bytes or a path, got {type(visual).__name__}")
         return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split, "question": question,
@@ -609,8 +608,7 @@ def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
     return {"id": sample_id, "source": source, "visuals": visuals, "messages": messages}
 
 
-def load_llava(path: str, media_root: str | None = None, check_media: bool = True,
-               records: list | None = None) -> list[dict]:
+def load_llava(path: str, media_root: str | None = None, records: list | None = None) -> list[dict]:
     """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in; `records`: its content if read)
     -> samples, text-only or with images and/or a video; placeholders missing go before the first user turn."""
     records = read_json(path) if records is None else records
@@ -625,9 +623,9 @@ def load_llava(path: str, media_root: str | None = None, check_media: bool = Tru
             messages.append({"role": role, "content": required(turn, "value", str, f"conversations[{k}]")})
         images = rec.get("image") or []
         images = [images] if isinstance(images, str) else images
-        visuals = [{"frames": [media_path(root, p, check_media, "image")]} for p in images]
+        visuals = [{"frames": [media_path(root, p, "image")]} for p in images]
         if rec.get("video"):
-            visuals.append({"video": media_path(root, required(rec, "video"), check_media, "video")})
+            visuals.append({"video": media_path(root, required(rec, "video"), "video")})
         placeholders = sum(m["content"].count(PLACEHOLDER) for m in messages)
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None or not any(m["role"] == "assistant" for m in messages):
@@ -698,18 +696,18 @@ def template_fields(value):
     return JoinedList(map(template_fields, value)) if isinstance(value, list) else value
 
 
-def find_media(root: str, path: str, check: bool, field: str) -> str:
+def find_media(root: str, path: str, field: str) -> str:
     """root/path, or root + the longest tail of `path` (a folder and file at least) under root: MultiInstruct's
     image paths are relative (`./raw_datasets/...`) or absolute on the authors' machine (`/projects/.../data/...`)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     for file in [os.path.join(root, path)] + [os.path.join(root, *parts[k:]) for k in range(len(parts) - 1)]:
-        if not check or os.path.exists(file):
+        if os.path.exists(file):
             return file
     raise RecordError(field, f"{path}: neither it nor any tail of it is under {root} (check --media-root)")
 
 
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
-                       template_index: int | None = None, check_media: bool = True, records=None) -> list[dict]:
+                       template_index: int | None = None, records=None) -> list[dict]:
     """MultiInstruct instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each written
     with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs) and
     formatted with the record's fields (see JoinedList); options follow "\\n\\n[Options]: " unless it has {options}."""
@@ -738,7 +736,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         target = rec.get("target_txt", rec.get("target"))
         if not isinstance(target, str):
             raise RecordError("target_txt", "missing")
-        visual = {"frames": [find_media(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
+        visual = {"frames": [find_media(root, required(rec, "image_path"), "image_path")], "pooled": False}
         return [{**conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)]), "task": task}]
 
     return convert_records(path, read_json(path) if records is None else records, convert, "unique_id")
