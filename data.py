@@ -400,16 +400,11 @@ def media_path(root: str, relative: str, field: str, check: bool = True) -> str:
     return file
 
 
-def record_label(index, record, *id_fields) -> str:
-    """How a record is named in messages: its position and, when it has one, its ID."""
-    named = [f for f in id_fields if isinstance(record, dict) and record.get(f) is not None]
-    return f"#{index} ({named[0]} {record[named[0]]})" if named else f"#{index}"
-
-
 def convert_records(file: str, records, convert, *id_fields) -> list:
     """`convert(record) -> list` over a list or dict {name: record}; misfits are logged, skipped, counted per field."""
-    if not isinstance(records, dict):
-        records = {record_label(i, r, *id_fields): r for i, r in enumerate(records)}
+    if not isinstance(records, dict):  # a record is named by its position and, when it has one, its ID
+        records = {next((f"#{i} ({f} {r[f]})" for f in id_fields if isinstance(r, dict) and r.get(f) is not None),
+                        f"#{i}"): r for i, r in enumerate(records)}
     out, skipped = [], Counter()
     for name, record in records.items():
         try:
