@@ -239,10 +239,9 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
     target = [-100 if token == image_id else label for token, label, n in zip(ids, labels, repeats) for _ in range(n)]
     if len(input_ids) > max_length:
         if add_generation_prompt or image_id in input_ids[max_length:] or all(t == -100 for t in target[:max_length]):
-            log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its text "
-                        "shortened; raise max_length or use fewer frames",
-                        name, len(input_ids), sum(counts), max_length)
-            return None
+            return log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its "
+                               "text shortened; raise max_length or use fewer frames",
+                               name, len(input_ids), sum(counts), max_length)
         input_ids, target = input_ids[:max_length], target[:max_length]
     if not add_generation_prompt and all(t == -100 for t in target):
         raise ValueError(f"sample {name}: no assistant tokens to learn from (its label mask is empty)")
