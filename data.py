@@ -475,9 +475,8 @@ def load_instit_dataset(path: str, media_root: str | None = None, records: list 
         if not frames:
             raise RecordError("frame_level_caption", "empty")
         frames.sort(key=lambda f: f["timestamp"])
-        qa = [(normalize_text(required(pair, "question", str, f"question_answer_pairs[{k}]")),
-               normalize_text(required(pair, "answer", str, f"question_answer_pairs[{k}]")))
-              for k, pair in enumerate(rec.get("question_answer_pairs") or [])]
+        qa = [tuple(normalize_text(required(pair, key, str, f"question_answer_pairs[{k}]"))
+                    for key in ("question", "answer")) for k, pair in enumerate(rec.get("question_answer_pairs") or [])]
         summary = rec.get("video_level_caption")
         return [{"id": f"video {rec.get('video_id', '?')}", "file": path, "frames": frames,
                  "video_caption": summary and normalize_text(summary), "qa": qa}]
