@@ -594,10 +594,9 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 
 def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
     """[(question, answer), ...] -> a sample, its visuals' placeholders before the first question."""
-    messages = []
-    for k, (question, answer) in enumerate(turns):
-        prefix = "".join(PLACEHOLDER + "\n" for _ in visuals) if k == 0 else ""
-        messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+    prefix = (PLACEHOLDER + "\n") * len(visuals)
+    messages = [{"role": role, "content": text} for k, (question, answer) in enumerate(turns)
+                for role, text in (("user", ("" if k else prefix) + question), ("assistant", answer))]
     return {"id": sample_id, "source": source, "visuals": visuals, "messages": messages}
 
 
