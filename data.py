@@ -239,10 +239,9 @@ def encode_sample(sample: dict, tokenizer, cfg: ModelConfig, max_length: int = 6
     target = [-100 if token == image_id else label for token, label, n in zip(ids, labels, repeats) for _ in range(n)]
     if len(input_ids) > max_length:
         if add_generation_prompt or image_id in input_ids[max_length:] or all(t == -100 for t in target[:max_length]):
-            log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its text "
-                        "shortened; raise max_length or use fewer frames",
-                        name, len(input_ids), sum(counts), max_length)
-            return None
+            return log.warning("sample %s dropped: %d tokens (%d visual) do not fit max_length=%d even with its "
+                               "text shortened; raise max_length or use fewer frames",
+                               name, len(input_ids), sum(counts), max_length)
         input_ids, target = input_ids[:max_length], target[:max_length]
     if not add_generation_prompt and all(t == -100 for t in target):
         raise ValueError(f"sample {name}: no assistant tokens to learn from (its label mask is empty)")
@@ -392,7 +391,7 @@ def required(record, key: str, kind=str, where: str = ""):
     return record[key]
 
 
-def media_path(root: str, relative: str, check: bool, field: str) -> str:
+def media_path(root: str, relative: str, field: str, check: bool = True) -> str:
     """root/relative; with `check`, a RecordError naming `field` when the file is not there."""
     file = os.path.join(root, relative)
     if check and not os.path.exists(file):
@@ -400,16 +399,11 @@ def media_path(root: str, relative: str, check: bool, field: str) -> str:
     return file
 
 
-def record_label(index, record, *id_fields) -> str:
-    """How a record is named in messages: its position and, when it has one, its ID."""
-    named = [f for f in id_fields if isinstance(record, dict) and record.get(f) is not None]
-    return f"#{index} ({named[0]} {record[named[0]]})" if named else f"#{index}"
-
-
 def convert_records(file: str, records, convert, *id_fields) -> list:
     """`convert(record) -> list` over a list or dict {name: record}; misfits are logged, skipped, counted per field."""
-    if not isinstance(records, dict):
-        records = {record_label(i, r, *id_fields): r for i, r in enumerate(records)}
+    if not isinstance(records, dict):  # a record is named by its position and, when it has one, its ID
+        records = {next((f"#{i} ({f} {r[f]})" for f in id_fields if isinstance(r, dict) and r.get(f) is not None),
+                        f"#{i}"): r for i, r in enumerate(records)}
     out, skipped = [], Counter()
     for name, record in records.items():
         try:
@@ -433,8 +427,7 @@ def normalize_text(text: str) -> str:
     return re.sub(r"<0+([1-9]\d*)>", r"<\1>", text)
 
 
-def load_instit_dataset(path: str, media_root: str | None = None, check_media: bool = True,
-                        records: list | None = None) -> list[dict]:
+def load_instit_dataset(path: str, media_root: str | None = None, records: list | None = None) -> list[dict]:
     """An INST-IT Dataset JSON (video or image part, an image a one-frame video; masks optional; `records`: its content
     when already read) -> records {"id", "file", "frames" (by timestamp): [{"timestamp", "path", "instances": {id:
     caption}, "image_level", "temporal_change", "masks": {id: RLE | box} | None}], "video_caption", "qa": [(q, a)]}."""
@@ -451,7 +444,7 @@ def load_instit_dataset(path: str, media_root: str | None = None, check_media: b
         return normalize_text(value)
 
     def frame(folder, name, instances, image_level, temporal, masks, field, t=1):
-        file = media_path(folder, name, check_media, field)
+        file = media_path(folder, name, field)
         if not isinstance(instances or {}, dict) or not isinstance(masks or {}, dict):
             raise RecordError(field, "instance captions and segmentations must map ID -> value")
         return {"timestamp": t, "path": file, "image_level": image_level and normalize_text(image_level),
@@ -482,9 +475,8 @@ def load_instit_dataset(path: str, media_root: str | None = None, check_media: b
         if not frames:
             raise RecordError("frame_level_caption", "empty")
         frames.sort(key=lambda f: f["timestamp"])
-        qa = [(normalize_text(required(pair, "question", str, f"question_answer_pairs[{k}]")),
-               normalize_text(required(pair, "answer", str, f"question_answer_pairs[{k}]")))
-              for k, pair in enumerate(rec.get("question_answer_pairs") or [])]
+        qa = [tuple(normalize_text(required(pair, key, str, f"question_answer_pairs[{k}]"))
+                    for key in ("question", "answer")) for k, pair in enumerate(rec.get("question_answer_pairs") or [])]
         summary = rec.get("video_level_caption")
         return [{"id": f"video {rec.get('video_id', '?')}", "file": path, "frames": frames,
                  "video_caption": summary and normalize_text(summary), "qa": qa}]
@@ -587,7 +579,7 @@ def load_instit_bench(path, splits=None, media_root: str | None = None, check_me
         if isinstance(visual, dict):  # a datasets Image feature as stored in parquet
             visual = visual.get("bytes") or visual.get("path")
         if isinstance(visual, str):
-            visual = media_path(root, visual, check_media, key)
+            visual = media_path(root, visual, key, check_media)
         elif not isinstance(visual, (bytes, Image.Image)):
             raise RecordError(key, f"expected an image, bytes or a path, got {type(visual).__name__}")
         return [{"question_id": str(required(rec, "question_id", (str, int))), "split": split, "question": question,
@@ -602,15 +594,13 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 
 def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
     """[(question, answer), ...] -> a sample, its visuals' placeholders before the first question."""
-    messages = []
-    for k, (question, answer) in enumerate(turns):
-        prefix = "".join(PLACEHOLDER + "\n" for _ in visuals) if k == 0 else ""
-        messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+    prefix = (PLACEHOLDER + "\n") * len(visuals)
+    messages = [{"role": role, "content": text} for k, (question, answer) in enumerate(turns)
+                for role, text in (("user", ("" if k else prefix) + question), ("assistant", answer))]
     return {"id": sample_id, "source": source, "visuals": visuals, "messages": messages}
 
 
-def load_llava(path: str, media_root: str | None = None, check_media: bool = True,
-               records: list | None = None) -> list[dict]:
+def load_llava(path: str, media_root: str | None = None, records: list | None = None) -> list[dict]:
     """LLaVA conversation JSON (LLaVA-NeXT-Data, the general data INST-IT mixes in; `records`: its content if read)
     -> samples, text-only or with images and/or a video; placeholders missing go before the first user turn."""
     records = read_json(path) if records is None else records
@@ -625,9 +615,9 @@ def load_llava(path: str, media_root: str | None = None, check_media: bool = Tru
             messages.append({"role": role, "content": required(turn, "value", str, f"conversations[{k}]")})
         images = rec.get("image") or []
         images = [images] if isinstance(images, str) else images
-        visuals = [{"frames": [media_path(root, p, check_media, "image")]} for p in images]
+        visuals = [{"frames": [media_path(root, p, "image")]} for p in images]
         if rec.get("video"):
-            visuals.append({"video": media_path(root, required(rec, "video"), check_media, "video")})
+            visuals.append({"video": media_path(root, required(rec, "video"), "video")})
         placeholders = sum(m["content"].count(PLACEHOLDER) for m in messages)
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None or not any(m["role"] == "assistant" for m in messages):
@@ -698,18 +688,18 @@ def template_fields(value):
     return JoinedList(map(template_fields, value)) if isinstance(value, list) else value
 
 
-def find_media(root: str, path: str, check: bool, field: str) -> str:
+def find_media(root: str, path: str, field: str) -> str:
     """root/path, or root + the longest tail of `path` (a folder and file at least) under root: MultiInstruct's
     image paths are relative (`./raw_datasets/...`) or absolute on the authors' machine (`/projects/.../data/...`)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     for file in [os.path.join(root, path)] + [os.path.join(root, *parts[k:]) for k in range(len(parts) - 1)]:
-        if not check or os.path.exists(file):
+        if os.path.exists(file):
             return file
     raise RecordError(field, f"{path}: neither it nor any tail of it is under {root} (check --media-root)")
 
 
 def load_multiinstruct(path: str, templates, media_root: str | None = None, seed: int = 0,
-                       template_index: int | None = None, check_media: bool = True, records=None) -> list[dict]:
+                       template_index: int | None = None, records=None) -> list[dict]:
     """MultiInstruct instances + {task_name: [instruction templates]} (a dict or a JSON file) -> samples, each written
     with a template drawn by a generator seeded with `seed` (or `template_index` for all, as Sensitivity needs) and
     formatted with the record's fields (see JoinedList); options follow "\\n\\n[Options]: " unless it has {options}."""
@@ -738,7 +728,7 @@ def load_multiinstruct(path: str, templates, media_root: str | None = None, seed
         target = rec.get("target_txt", rec.get("target"))
         if not isinstance(target, str):
             raise RecordError("target_txt", "missing")
-        visual = {"frames": [find_media(root, required(rec, "image_path"), check_media, "image_path")], "pooled": False}
+        visual = {"frames": [find_media(root, required(rec, "image_path"), "image_path")], "pooled": False}
         return [{**conversation(str(rec.get("unique_id", "?")), path, [visual], [(instruction, target)]), "task": task}]
 
     return convert_records(path, read_json(path) if records is None else records, convert, "unique_id")
