@@ -13,6 +13,7 @@ OUT.json sits beside OUT.cache.jsonl (every answer, so a re-run pays nothing twi
 import argparse
 import base64
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -477,14 +478,11 @@ class LLMClient:
 
     def key(self, body):
         """sha256 of (prompt version, request body with each image data URL replaced by its sha256)."""
-        def hashed(part):
-            if part.get("type") != "image_url":
-                return part
-            return {**part, "image_url": {**part["image_url"],
-                                          "url": hashlib.sha256(part["image_url"]["url"].encode()).hexdigest()}}
-        messages = [{**m, "content": [hashed(p) for p in m["content"]]} if isinstance(m["content"], list) else m
-                    for m in body["messages"]]
-        blob = json.dumps([self.prompt_version, {**body, "messages": messages}], sort_keys=True)
+        body = copy.deepcopy(body)  # the request itself goes out with its images
+        for part in (p for m in body["messages"] if isinstance(m["content"], list) for p in m["content"]):
+            if part.get("type") == "image_url":
+                part["image_url"]["url"] = hashlib.sha256(part["image_url"]["url"].encode()).hexdigest()
+        blob = json.dumps([self.prompt_version, body], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _answer(self, key, body):
