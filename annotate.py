@@ -450,13 +450,11 @@ class LLMClient:
     def complete_json(self, messages, schema, validate=None, name="answer"):
         """(chat messages, JSON schema) -> the answer dict fitting it (strict output, or `json_mode` for servers
         without) and passing `validate`; else re-asked with the reason `answer_retries` times, then LLMError."""
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
         if self.json_mode:  # the schema goes into the (first) system message: some chat templates allow one
-            note = PROMPTS["json_mode"].format(schema=json.dumps(schema))
-            first = messages[0]
-            messages = ([{**first, "content": f"{first['content']}\n\n{note}"}, *messages[1:]]
-                        if first["role"] == "system" else [{"role": "system", "content": note}, *messages])
-        fmt = ({"type": "json_object"} if self.json_mode else
-               {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
+            fmt, note = {"type": "json_object"}, PROMPTS["json_mode"].format(schema=json.dumps(schema))
+            messages = ([{**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]
+                        if messages[0]["role"] == "system" else [{"role": "system", "content": note}, *messages])
         keys = []
         for _ in range(self.answer_retries + 1):
             body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 4096,
