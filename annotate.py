@@ -447,7 +447,7 @@ class LLMClient:
         url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
         return {"type": "image_url", "image_url": {"url": url, "detail": self.image_detail}}
 
-    def complete_json(self, messages, schema, validate=None, name="answer"):
+    def complete_json(self, messages, schema, validate=lambda answer: None, name="answer"):
         """(chat messages, JSON schema) -> the answer dict fitting it (strict output, or `json_mode` for servers
         without) and passing `validate`; else re-asked with the reason `answer_retries` times, then LLMError."""
         fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
@@ -464,8 +464,7 @@ class LLMClient:
             try:
                 answer = json.loads(content)
                 check_schema(answer, schema)
-                if validate:
-                    validate(answer)
+                validate(answer)
                 return answer
             except ValueError as e:
                 reason = f"invalid answer: {e}"
