@@ -574,9 +574,9 @@ def client_from_args(args, cache_path):
     return client
 
 
-def _report(out, written, failures, client):
+def _report(out, results, failures, client):
     """Print what a run did -> exit code: 1 if a record failed (a re-run retries it), else 0."""
-    print(f"{out}: {written} records written; {client.progress()}")
+    print(f"{out}: {sum(r is not None for r in results)} records written; {client.progress()}")
     if pending := [n for n, e in failures.items() if isinstance(e, BatchPending)]:
         print(f"{len(pending)} records wait for batch answers: submit {client.batch_file} to the Batch API, then "
               "re-run with --batch-results <its output JSONL>")
@@ -631,7 +631,7 @@ def syphus_main(argv):
     for path, entries in files.items():
         data.write_json(path, {"meta": meta, "data": entries})
     data.write_json(out.with_name(f"{out.stem}_images.json"), images)
-    return _report(out, len(records) - len(failures), failures, client)
+    return _report(out, results, failures, client)
 
 
 def review(out_json):
@@ -681,9 +681,8 @@ def main(argv=None):
     som_dir = out.parent / f"{out.stem}_som"
     results, failures = run_all(lambda r: annotate_record(client, r, args.media_root, som_dir, args.num_frames),
                                 records, [record_name(r) for r in records], args.workers, client, "annotate")
-    done = [r for r in results if r is not None]
-    data.write_json(out, done)
-    return _report(out, len(done), failures, client)
+    data.write_json(out, [r for r in results if r is not None])
+    return _report(out, results, failures, client)
 
 
 if __name__ == "__main__":
