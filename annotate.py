@@ -643,10 +643,9 @@ def review(out_json):
         for frame, (_, path) in zip(*record_frames(rec)):
             time_label = "" if frame["timestamp"] is None else esc(f"<{frame['timestamp']}>")
             captions = "".join(f"<li>[{esc(str(i))}] {esc(str(c))}</li>" for i, c in frame["instance_level"].items())
-            change = frame.get("temporal_change")
+            change = f"<p><i>change:</i> {esc(c)}</p>" if (c := frame.get("temporal_change")) else ""
             page.append(f"<tr><td><img src='{esc(quote(path))}'></td><td>{time_label}<ul>{captions}</ul>"
-                        f"<p>{esc(frame.get('image_level') or '')}</p>"
-                        + (f"<p><i>change:</i> {esc(change)}</p>" if change else "") + "</td></tr>")
+                        f"<p>{esc(frame.get('image_level') or '')}</p>{change}</td></tr>")
         page.append("</table>")
         if rec.get("video_level_caption"):
             page.append(f"<p><b>video:</b> {esc(rec['video_level_caption'])}</p>")
