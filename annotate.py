@@ -253,9 +253,8 @@ def record_frames(rec):
         frames = rec["frame_level_caption"]
         return frames, [(f"{file_safe(rec['video_id'])}_{f['frame_name']}", f"{rec['video_path']}/{f['frame_name']}")
                         for f in frames]
-    frame = {"timestamp": None, "instance_level": rec["instance_level_caption"],
-             "image_level": rec["image_level_caption"]}
-    return [frame], [(file_safe(rec["image_id"]), rec["image_path"])]
+    return ([{"timestamp": None, "instance_level": rec["instance_level_caption"],
+              "image_level": rec["image_level_caption"]}], [(file_safe(rec["image_id"]), rec["image_path"])])
 
 
 def read_dataset(path, media_root=None):
