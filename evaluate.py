@@ -469,15 +469,14 @@ def instruction_templates(path: str) -> dict:
 
 
 def evaluate_instructions(model, tasks: str, templates, media_root=None, batch_size=8, max_new_tokens=32) -> dict:
-    """MultiInstruct .jsonl + {task: [templates]} (or its file) -> per task: accuracy under each of its own templates
-    (normalised exact match with target_txt), templates and samples counted; the aggregate, the Sensitivity (5.1)."""
-    template_lists = instruction_templates(templates) if isinstance(templates, str) else templates
+    """MultiInstruct .jsonl + {task: [templates]} -> per task: accuracy under each of its own templates (normalised
+    exact match with target_txt), templates and samples counted; the aggregate, the Sensitivity (5.1)."""
     hits = {}  # task -> template -> [exact match per sample]
-    for k in range(max(map(len, template_lists.values()))):
+    for k in range(max(map(len, templates.values()))):
         # a task with fewer templates gets its last: its samples are built (cheap) but not generated
-        kth = {task: [v[min(k, len(v) - 1)]] for task, v in template_lists.items()}
+        kth = {task: [v[min(k, len(v) - 1)]] for task, v in templates.items()}
         samples = data.load_multiinstruct(tasks, kth, media_root, template_index=0)
-        samples = [(s["task"], s) for s in samples if k < len(template_lists[s["task"]])]  # tasks share instance ids
+        samples = [(s["task"], s) for s in samples if k < len(templates[s["task"]])]  # tasks share instance ids
         prompts = [{**s, "messages": s["messages"][:-1]} for _, s in samples]
         answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
         scored = [(task, s, a) for (task, s), a in zip(samples, answers) if a is not None]  # None: image unreadable
