@@ -228,8 +228,7 @@ def load_predictions(path: str) -> list[dict]:
     for i, r in enumerate(records):
         if missing := [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]:
             name = r.get("question_id", "?") if isinstance(r, dict) else r
-            raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing}; "
-                             f"expected fields {PREDICTION_FIELDS}")
+            raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing} of {PREDICTION_FIELDS}")
         # a null prediction (a failed generation) is an empty, wrong answer; an int reference is compared as text
         r.update(model_prediction=str(r["model_prediction"] or ""), ground_truth=str(r["ground_truth"]))
     return records
