@@ -187,8 +187,7 @@ def oe_proxy(prediction: str, reference: str) -> float:
 # Sensitivity (MultiInstruct 5.1).
 
 def sensitivity(scores: dict) -> float:
-    """{task: [score under instruction 1, 2, ...]} -> mean over tasks of population std / mean; lower is
-    better (a model whose score does not move when the instruction is reworded)."""
+    """{task: [score per wording of its instruction]} -> mean over tasks of population std / mean; lower is better."""
     if not scores:
         raise ValueError("sensitivity: no tasks given")
     if empty := [task for task, values in scores.items() if not values]:
