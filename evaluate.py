@@ -257,12 +257,11 @@ def plot_scores(summary: dict, path: str):
 
 JUDGE_VERSION = "instit-judge-v1"
 JUDGE_PROMPT = (
-    "You grade answers to questions about numbered instances in {media}. Instances are referred to as [ID] "
-    "(the number drawn on them){time}. Compare the model's answer with the reference answer and give a score "
-    "from 0 to 1 in steps of 0.1: 1.0 = same meaning as the reference; 0.0 = wrong or unrelated. The answer "
-    "must refer to the same instance IDs as the reference{time_rule}; an answer about a different [ID] is "
-    "wrong even if the description fits. Extra correct detail is not penalised; contradictions are. "
-    "Reply with JSON {{\"score\": number}}.")
+    "You grade answers to questions about numbered instances in {media}. Instances are referred to as [ID] (the number "
+    "drawn on them){time}. Compare the model's answer with the reference answer and give a score from 0 to 1 in steps "
+    "of 0.1: 1.0 = same meaning as the reference; 0.0 = wrong or unrelated. The answer must refer to the same instance "
+    "IDs as the reference{time_rule}; an answer about a different [ID] is wrong even if the description fits. Extra "
+    "correct detail is not penalised; contradictions are. Reply with JSON {{\"score\": number}}.")
 
 
 def judge_score(client, question: str, reference: str, prediction: str, video: bool, protocol=None) -> float:
