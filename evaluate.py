@@ -50,11 +50,10 @@ INSTIT_MC = (  # both MC prompts, formatted with the media and the ID examples (
     "C, or D) of the correct option.")
 INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
     "image_mc": (INSTIT_MC.format("image", "'[1]'', '[2]''"), "The best answer is: "),
-    "image_oe": (
-        "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
-        "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
-        "References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
-        "Based on the input image, please answer the question: "),
+    "image_oe": ("# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, "
+                 "and your task is to answer the given question based on the image content.\n# Guidelines and Rules:\n"
+                 "- Object References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
+                 "Based on the input image, please answer the question: "),
     "video_mc": (INSTIT_MC.format("video", '"[1]", "[2]"), and time references are shown using the format <timestamp> '
                                   '(e.g., "at <6>" or "during <7>-<8>")'), "The best answer is: "),
     "video_oe": (
