@@ -44,10 +44,10 @@ INSTIT_ID_RULE = (  # both OE prompts
     "Use this ID in your response to specify objects, formatted as [ID] for a single object (e.g., “[8]”) or as "
     "[ID1] [ID2] ... for multiple objects, such as “[3] [4] [5]”. Avoid commas, ranges, or phrases like "
     "“[1, 2, 3]” or “[1] to [3]”. The IDs in the images and questions match directly.")
-INSTIT_MC = (  # both MC prompts, formatted with the media and the ID examples (a video's add the time rule)
-    "Based on the {}, select the best answer to the following multiple-choice question. In both the question and "
-    "options, specific objects are represented using the format [ID] (e.g., {}. Respond with only the letter (A, B, "
-    "C, or D) of the correct option.")
+# both MC prompts, formatted with the media and the ID examples (a video's add the time rule)
+INSTIT_MC = ("Based on the {}, select the best answer to the following multiple-choice question. In both the question "
+             "and options, specific objects are represented using the format [ID] (e.g., {}. Respond with only the "
+             "letter (A, B, C, or D) of the correct option.")
 INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
     "image_mc": (INSTIT_MC.format("image", "'[1]'', '[2]''"), "The best answer is: "),
     "image_oe": ("# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, "
