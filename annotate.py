@@ -13,6 +13,7 @@ OUT.json sits beside OUT.cache.jsonl (every answer, so a re-run pays nothing twi
 import argparse
 import base64
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -252,9 +253,8 @@ def record_frames(rec):
         frames = rec["frame_level_caption"]
         return frames, [(f"{file_safe(rec['video_id'])}_{f['frame_name']}", f"{rec['video_path']}/{f['frame_name']}")
                         for f in frames]
-    frame = {"timestamp": None, "instance_level": rec["instance_level_caption"],
-             "image_level": rec["image_level_caption"]}
-    return [frame], [(file_safe(rec["image_id"]), rec["image_path"])]
+    return ([{"timestamp": None, "instance_level": rec["instance_level_caption"],
+              "image_level": rec["image_level_caption"]}], [(file_safe(rec["image_id"]), rec["image_path"])])
 
 
 def read_dataset(path, media_root=None):
@@ -446,16 +446,14 @@ class LLMClient:
         url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
         return {"type": "image_url", "image_url": {"url": url, "detail": self.image_detail}}
 
-    def complete_json(self, messages, schema, validate=None, name="answer"):
+    def complete_json(self, messages, schema, validate=lambda answer: None, name="answer"):
         """(chat messages, JSON schema) -> the answer dict fitting it (strict output, or `json_mode` for servers
         without) and passing `validate`; else re-asked with the reason `answer_retries` times, then LLMError."""
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
         if self.json_mode:  # the schema goes into the (first) system message: some chat templates allow one
-            note = PROMPTS["json_mode"].format(schema=json.dumps(schema))
-            first = messages[0]
-            messages = ([{**first, "content": f"{first['content']}\n\n{note}"}, *messages[1:]]
-                        if first["role"] == "system" else [{"role": "system", "content": note}, *messages])
-        fmt = ({"type": "json_object"} if self.json_mode else
-               {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
+            fmt, note = {"type": "json_object"}, PROMPTS["json_mode"].format(schema=json.dumps(schema))
+            messages = ([{**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]
+                        if messages[0]["role"] == "system" else [{"role": "system", "content": note}, *messages])
         keys = []
         for _ in range(self.answer_retries + 1):
             body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 4096,
@@ -465,8 +463,7 @@ class LLMClient:
             try:
                 answer = json.loads(content)
                 check_schema(answer, schema)
-                if validate:
-                    validate(answer)
+                validate(answer)
                 return answer
             except ValueError as e:
                 reason = f"invalid answer: {e}"
@@ -477,14 +474,11 @@ class LLMClient:
 
     def key(self, body):
         """sha256 of (prompt version, request body with each image data URL replaced by its sha256)."""
-        def hashed(part):
-            if part.get("type") != "image_url":
-                return part
-            return {**part, "image_url": {**part["image_url"],
-                                          "url": hashlib.sha256(part["image_url"]["url"].encode()).hexdigest()}}
-        messages = [{**m, "content": [hashed(p) for p in m["content"]]} if isinstance(m["content"], list) else m
-                    for m in body["messages"]]
-        blob = json.dumps([self.prompt_version, {**body, "messages": messages}], sort_keys=True)
+        body = copy.deepcopy(body)  # the request itself goes out with its images
+        for part in (p for m in body["messages"] if isinstance(m["content"], list) for p in m["content"]):
+            if part.get("type") == "image_url":
+                part["image_url"]["url"] = hashlib.sha256(part["image_url"]["url"].encode()).hexdigest()
+        blob = json.dumps([self.prompt_version, body], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _answer(self, key, body):
@@ -579,9 +573,9 @@ def client_from_args(args, cache_path):
     return client
 
 
-def _report(out, written, failures, client):
+def _report(out, results, failures, client):
     """Print what a run did -> exit code: 1 if a record failed (a re-run retries it), else 0."""
-    print(f"{out}: {written} records written; {client.progress()}")
+    print(f"{out}: {sum(r is not None for r in results)} records written; {client.progress()}")
     if pending := [n for n, e in failures.items() if isinstance(e, BatchPending)]:
         print(f"{len(pending)} records wait for batch answers: submit {client.batch_file} to the Batch API, then "
               "re-run with --batch-results <its output JSONL>")
@@ -636,7 +630,7 @@ def syphus_main(argv):
     for path, entries in files.items():
         data.write_json(path, {"meta": meta, "data": entries})
     data.write_json(out.with_name(f"{out.stem}_images.json"), images)
-    return _report(out, len(records) - len(failures), failures, client)
+    return _report(out, results, failures, client)
 
 
 def review(out_json):
@@ -648,10 +642,9 @@ def review(out_json):
         for frame, (_, path) in zip(*record_frames(rec)):
             time_label = "" if frame["timestamp"] is None else esc(f"<{frame['timestamp']}>")
             captions = "".join(f"<li>[{esc(str(i))}] {esc(str(c))}</li>" for i, c in frame["instance_level"].items())
-            change = frame.get("temporal_change")
+            change = f"<p><i>change:</i> {esc(c)}</p>" if (c := frame.get("temporal_change")) else ""
             page.append(f"<tr><td><img src='{esc(quote(path))}'></td><td>{time_label}<ul>{captions}</ul>"
-                        f"<p>{esc(frame.get('image_level') or '')}</p>"
-                        + (f"<p><i>change:</i> {esc(change)}</p>" if change else "") + "</td></tr>")
+                        f"<p>{esc(frame.get('image_level') or '')}</p>{change}</td></tr>")
         page.append("</table>")
         if rec.get("video_level_caption"):
             page.append(f"<p><b>video:</b> {esc(rec['video_level_caption'])}</p>")
@@ -686,9 +679,8 @@ def main(argv=None):
     som_dir = out.parent / f"{out.stem}_som"
     results, failures = run_all(lambda r: annotate_record(client, r, args.media_root, som_dir, args.num_frames),
                                 records, [record_name(r) for r in records], args.workers, client, "annotate")
-    done = [r for r in results if r is not None]
-    data.write_json(out, done)
-    return _report(out, len(done), failures, client)
+    data.write_json(out, [r for r in results if r is not None])
+    return _report(out, results, failures, client)
 
 
 if __name__ == "__main__":

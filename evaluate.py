@@ -44,17 +44,16 @@ INSTIT_ID_RULE = (  # both OE prompts
     "Use this ID in your response to specify objects, formatted as [ID] for a single object (e.g., “[8]”) or as "
     "[ID1] [ID2] ... for multiple objects, such as “[3] [4] [5]”. Avoid commas, ranges, or phrases like "
     "“[1, 2, 3]” or “[1] to [3]”. The IDs in the images and questions match directly.")
-INSTIT_MC = (  # both MC prompts, formatted with the media and the ID examples (a video's add the time rule)
-    "Based on the {}, select the best answer to the following multiple-choice question. In both the question and "
-    "options, specific objects are represented using the format [ID] (e.g., {}. Respond with only the letter (A, B, "
-    "C, or D) of the correct option.")
+# both MC prompts, formatted with the media and the ID examples (a video's add the time rule)
+INSTIT_MC = ("Based on the {}, select the best answer to the following multiple-choice question. In both the question "
+             "and options, specific objects are represented using the format [ID] (e.g., {}. Respond with only the "
+             "letter (A, B, C, or D) of the correct option.")
 INSTIT_PROMPTS = {  # split -> (pre_prompt, post_prompt)
     "image_mc": (INSTIT_MC.format("image", "'[1]'', '[2]''"), "The best answer is: "),
-    "image_oe": (
-        "# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, and your "
-        "task is to answer the given question based on the image content.\n# Guidelines and Rules:\n- Object "
-        "References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
-        "Based on the input image, please answer the question: "),
+    "image_oe": ("# Task Definition:\nYou are an expert in image analysis. In this task, you will receive an image, "
+                 "and your task is to answer the given question based on the image content.\n# Guidelines and Rules:\n"
+                 "- Object References: In the image, each object has a unique ID. " + INSTIT_ID_RULE,
+                 "Based on the input image, please answer the question: "),
     "video_mc": (INSTIT_MC.format("video", '"[1]", "[2]"), and time references are shown using the format <timestamp> '
                                   '(e.g., "at <6>" or "during <7>-<8>")'), "The best answer is: "),
     "video_oe": (
@@ -187,8 +186,7 @@ def oe_proxy(prediction: str, reference: str) -> float:
 # Sensitivity (MultiInstruct 5.1).
 
 def sensitivity(scores: dict) -> float:
-    """{task: [score under instruction 1, 2, ...]} -> mean over tasks of population std / mean; lower is
-    better (a model whose score does not move when the instruction is reworded)."""
+    """{task: [score per wording of its instruction]} -> mean over tasks of population std / mean; lower is better."""
     if not scores:
         raise ValueError("sensitivity: no tasks given")
     if empty := [task for task, values in scores.items() if not values]:
@@ -228,8 +226,7 @@ def load_predictions(path: str) -> list[dict]:
     for i, r in enumerate(records):
         if missing := [k for k in PREDICTION_FIELDS if not isinstance(r, dict) or k not in r]:
             name = r.get("question_id", "?") if isinstance(r, dict) else r
-            raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing}; "
-                             f"expected fields {PREDICTION_FIELDS}")
+            raise SystemExit(f"{path}: record {i} (question_id {name!r}) lacks {missing} of {PREDICTION_FIELDS}")
         # a null prediction (a failed generation) is an empty, wrong answer; an int reference is compared as text
         r.update(model_prediction=str(r["model_prediction"] or ""), ground_truth=str(r["ground_truth"]))
     return records
@@ -259,12 +256,11 @@ def plot_scores(summary: dict, path: str):
 
 JUDGE_VERSION = "instit-judge-v1"
 JUDGE_PROMPT = (
-    "You grade answers to questions about numbered instances in {media}. Instances are referred to as [ID] "
-    "(the number drawn on them){time}. Compare the model's answer with the reference answer and give a score "
-    "from 0 to 1 in steps of 0.1: 1.0 = same meaning as the reference; 0.0 = wrong or unrelated. The answer "
-    "must refer to the same instance IDs as the reference{time_rule}; an answer about a different [ID] is "
-    "wrong even if the description fits. Extra correct detail is not penalised; contradictions are. "
-    "Reply with JSON {{\"score\": number}}.")
+    "You grade answers to questions about numbered instances in {media}. Instances are referred to as [ID] (the number "
+    "drawn on them){time}. Compare the model's answer with the reference answer and give a score from 0 to 1 in steps "
+    "of 0.1: 1.0 = same meaning as the reference; 0.0 = wrong or unrelated. The answer must refer to the same instance "
+    "IDs as the reference{time_rule}; an answer about a different [ID] is wrong even if the description fits. Extra "
+    "correct detail is not penalised; contradictions are. Reply with JSON {{\"score\": number}}.")
 
 
 def judge_score(client, question: str, reference: str, prediction: str, video: bool, protocol=None) -> float:
@@ -469,15 +465,14 @@ def instruction_templates(path: str) -> dict:
 
 
 def evaluate_instructions(model, tasks: str, templates, media_root=None, batch_size=8, max_new_tokens=32) -> dict:
-    """MultiInstruct .jsonl + {task: [templates]} (or its file) -> per task: accuracy under each of its own templates
-    (normalised exact match with target_txt), templates and samples counted; the aggregate, the Sensitivity (5.1)."""
-    template_lists = instruction_templates(templates) if isinstance(templates, str) else templates
+    """MultiInstruct .jsonl + {task: [templates]} -> per task: accuracy under each of its own templates (normalised
+    exact match with target_txt), templates and samples counted; the aggregate, the Sensitivity (5.1)."""
     hits = {}  # task -> template -> [exact match per sample]
-    for k in range(max(map(len, template_lists.values()))):
+    for k in range(max(map(len, templates.values()))):
         # a task with fewer templates gets its last: its samples are built (cheap) but not generated
-        kth = {task: [v[min(k, len(v) - 1)]] for task, v in template_lists.items()}
+        kth = {task: [v[min(k, len(v) - 1)]] for task, v in templates.items()}
         samples = data.load_multiinstruct(tasks, kth, media_root, template_index=0)
-        samples = [(s["task"], s) for s in samples if k < len(template_lists[s["task"]])]  # tasks share instance ids
+        samples = [(s["task"], s) for s in samples if k < len(templates[s["task"]])]  # tasks share instance ids
         prompts = [{**s, "messages": s["messages"][:-1]} for _, s in samples]
         answers = generate_answers(model, prompts, batch_size, max_new_tokens, desc=f"instruction {k + 1}")
         scored = [(task, s, a) for (task, s), a in zip(samples, answers) if a is not None]  # None: image unreadable
@@ -644,8 +639,7 @@ def main(argv=None):
                          help="a box mark in pixels, the same on every frame; repeat for several instances")
     ask_cmd.add_argument("--mark-style", type=json.loads, metavar="JSON", help="som.MarkStyle fields, e.g. "
                          "'{\"fill\": 0}' (default: the style the checkpoint records, else INST-IT's)")
-    ask_cmd.add_argument("--verbatim", action="store_true", help="send the question as typed, not in the bench's "
-                                                                "open-ended form (BENCH_PROMPTS)")
+    ask_cmd.add_argument("--verbatim", action="store_true", help="as typed, not in the bench's OE form (BENCH_PROMPTS)")
     ask_cmd.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     ask_cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
     ask_cmd.add_argument("--load-in-4bit", action="store_true", help="the language model in nf4 (bitsandbytes)")
