@@ -639,7 +639,8 @@ def main(argv=None):
                          help="a box mark in pixels, the same on every frame; repeat for several instances")
     ask_cmd.add_argument("--mark-style", type=json.loads, metavar="JSON", help="som.MarkStyle fields, e.g. "
                          "'{\"fill\": 0}' (default: the style the checkpoint records, else INST-IT's)")
-    ask_cmd.add_argument("--verbatim", action="store_true", help="as typed, not in the bench's OE form (BENCH_PROMPTS)")
+    ask_cmd.add_argument("--verbatim", action="store_true", help="send the question as typed, not in the bench's "
+                                                                "open-ended form (BENCH_PROMPTS)")
     ask_cmd.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     ask_cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
     ask_cmd.add_argument("--load-in-4bit", action="store_true", help="the language model in nf4 (bitsandbytes)")
