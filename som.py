@@ -162,13 +162,12 @@ def label_position(mask: np.ndarray, grid: int | None = None, size=(1, 1), taken
 
     def fits(xs, ys):  # which label centres (arrays) keep their box off `taken` and hide at most max_cover
         x0, y0 = label_box(np.asarray(xs), np.asarray(ys), size, (w, h))
-        ok = np.ones(len(xs), bool)
-        for tx, ty, tw, th in taken:
-            ok &= (x0 >= tx + tw) | (tx >= x0 + size[0]) | (y0 >= ty + th) | (ty >= y0 + size[1])
+        tx, ty, tw, th = np.reshape(taken, (-1, 4)).T[..., None]  # each taken box against each candidate
+        ok = ~((x0 < tx + tw) & (tx < x0 + size[0]) & (y0 < ty + th) & (ty < y0 + size[1])).any(0)
         if size[0] * size[1] > max_cover * area:  # a label this large may hide too much: count what it hides
             hidden = np.pad(crop.cumsum(0, dtype=np.int32).cumsum(1), ((1, 0), (1, 0)))  # mask pixels above-left
-            a, b = (np.clip(v - cols[0], 0, crop.shape[1]) for v in (x0, x0 + size[0]))
-            c, d = (np.clip(v - rows[0], 0, crop.shape[0]) for v in (y0, y0 + size[1]))
+            a, b = (np.minimum(np.maximum(v - cols[0], 0), crop.shape[1]) for v in (x0, x0 + size[0]))
+            c, d = (np.minimum(np.maximum(v - rows[0], 0), crop.shape[0]) for v in (y0, y0 + size[1]))
             ok &= hidden[d, b] - hidden[c, b] - hidden[d, a] + hidden[c, a] <= max_cover * area
         return ok
 
@@ -216,7 +215,7 @@ def label_shape(text: str, size: int) -> tuple:
 
 def label_box(x, y, size, frame):
     """A label box of `size` (w, h) centred at (x, y) and moved inside a `frame` (w, h) -> its top-left corner."""
-    return tuple(np.clip(v - s // 2, 0, max(0, n - s)) for v, s, n in zip((x, y), size, frame))
+    return tuple(np.minimum(np.maximum(v - s // 2, 0), max(0, n - s)) for v, s, n in zip((x, y), size, frame))
 
 
 def id_colour(instance_id) -> tuple[int, int, int]:
