@@ -1,4 +1,5 @@
 """demo.py: the synthetic world, its oracle annotator and a short run end to end."""
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate
@@ -124,6 +126,14 @@ def test_no_som_demo_shows_raw_frames(tmp_path):
         shown = tmp_path / "world" / row.get("image", row.get("video", "") + "/00000.png")
         raw = tmp_path / "world" / "media" / scene / "00000.png"
         assert (np.array(data.open_image(str(shown))) == np.array(data.open_image(str(raw)))).all()
+
+
+def test_demo_pins_every_field_of_its_mark_style():
+    """A change of som.MarkStyle's defaults (INST-IT's small labels) must not change the demo's frames."""
+    assert None not in dataclasses.astuple(demo.DEMO_MARKS)
+    frame = som.render_som(Image.new("RGB", (96, 96)), {1: [20, 20, 60, 60]}, demo.DEMO_MARKS)
+    x, y, w, h = frame.info["label_boxes"]["1"]
+    assert (x + w // 2, y + h // 2) == (40, 40) and max(w, h) <= demo.DEMO_PATCH  # whole in the patch at (32..48)
 
 
 def test_token_targets_name_the_instance_covering_most_of_each_patch():
