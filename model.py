@@ -19,7 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file, logging as hf_logging
 
 log = logging.getLogger("model")
 
@@ -183,8 +186,6 @@ def resolve_dtype(name: str) -> torch.dtype:
 def strict_from_pretrained(auto_class, path, **kwargs):
     """`auto_class.from_pretrained` with sdpa attention, quiet about a checkpoint's other parts (a LLaVA checkpoint
     holds three models) but an error when a weight of the model being loaded is missing."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -218,9 +219,6 @@ def encoder_layers(vision: nn.Module) -> nn.ModuleList:
 
 def checkpoint_tensors(path: str, mapping: dict) -> dict:
     """Tensors of a (sharded) safetensors checkpoint whose names match a pattern of `mapping`, renamed by it."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     shards = sorted(set(json.load(open(index))["weight_map"].values())) if index else ["model.safetensors"]
     out = {}
@@ -614,8 +612,6 @@ class LlavaStyleModel(nn.Module):
 
     def save_pretrained(self, out_dir: str):
         """The config, trained tensors and tokenizer (its added tokens): all a reload needs besides the base weights."""
-        from safetensors.torch import save_file
-
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "model_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()},
@@ -640,9 +636,6 @@ class LlavaStyleModel(nn.Module):
     def load_trained(self, file: str, strict: bool = True) -> "LlavaStyleModel":
         """Load trained tensors. strict: their names must be exactly this model's trainable parameters;
         otherwise each must name a parameter of this model, and trainable ones it lacks keep their init."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(file, device=str(self.device))
         except SafetensorError as e:  # a cut or overwritten file: its header no longer matches its size
