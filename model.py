@@ -550,7 +550,7 @@ class LlavaStyleModel(nn.Module):
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
-                visual_pooled=None, image_sizes=None, pixel_values_videos=None, position_ids=None, return_logits=True):
+                visual_pooled=None, image_sizes=None, pixel_values_videos=None, return_logits=True):
         """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token loss over
         labels != -100, computed as transformers' LLaVA does (fp32 logits). transformers' LLaVA-NeXT / OneVision
         inputs (5-D pixel_values with image_sizes, or pixel_values_videos) are read by hf_visuals.
@@ -562,8 +562,7 @@ class LlavaStyleModel(nn.Module):
                 input_ids, pixel_values, image_sizes, pixel_values_videos)
         with self.autocast():
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled, image_sizes)
-            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                           position_ids=position_ids).last_hidden_state
+            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             if not return_logits and labels is not None:
                 targets = labels[:, 1:].to(hidden.device)
                 labelled = targets != -100
