@@ -197,16 +197,16 @@ def strict_from_pretrained(auto_class, path, **kwargs):
     return model
 
 
-def image_normalization(path: str) -> tuple[list, list]:
+def image_normalization(path: str) -> tuple[tuple, tuple]:
     """(mean, std) of the vision encoder's image processor; CLIP's values when the folder has none."""
     from transformers import AutoImageProcessor
 
     try:
         proc = AutoImageProcessor.from_pretrained(path)
-        return list(proc.image_mean), list(proc.image_std)
+        return tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, AttributeError):
         log.warning("%s: no image processor config; using CLIP's normalisation", path)
-        return [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+        return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def encoder_layers(vision: nn.Module) -> nn.ModuleList:
@@ -335,8 +335,7 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
     projector_state = checkpoint_tensors(llava, keys["projector"]) if llava else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or llava or cfg.language_model)
     mean, std = image_normalization(cfg.vision_model)
-    cfg = replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
-    return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state)
+    return LlavaStyleModel(replace(cfg, image_mean=mean, image_std=std), vision, lm, tokenizer, projector_state)
 
 
 # ---------------------------------------------------------------------------------------------------
