@@ -133,8 +133,7 @@ def anyres_tiles(image: Image.Image, cfg: ModelConfig) -> list[torch.Tensor]:
     size = (min(math.ceil(image.width * scale), width), min(math.ceil(image.height * scale), height))
     canvas = Image.new("RGB", (width, height))
     canvas.paste(image.resize(size, Image.BICUBIC), ((width - size[0]) // 2, (height - size[1]) // 2))
-    tiles = [canvas.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
-             for r in range(rows) for c in range(cols)]
+    tiles = [canvas.crop((c, r, c + side, r + side)) for r in range(0, height, side) for c in range(0, width, side)]
     return [normalize(t, cfg) for t in [image.resize((side, side), Image.BICUBIC), *tiles]]
 
 
