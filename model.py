@@ -1,5 +1,4 @@
-"""The LLaVA-NeXT-style model of INST-IT (2.4, 3.1): vision encoder -> MLP projector -> 2x2 pooling (videos) or
-AnyRes tiles (images) -> causal LM.
+"""INST-IT's LLaVA-NeXT-style model (2.4, 3.1): ViT -> MLP projector -> 2x2-pooled videos / AnyRes images -> causal LM.
 
 Read top to bottom as data flows: `ModelConfig` and `num_visual_tokens` (tokens per image or video), loading the three
 parts, `LlavaStyleModel.forward` (features fill the `<image>` positions data.py expanded), generation, saving, merging.
