@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
+import yaml
 
 import data
 from model import LlavaStyleModel, ModelConfig, build_model, missing_folder
@@ -132,11 +133,7 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
 def read_config(path: str, known) -> dict:
     """A JSON or YAML config file -> {field: value as its field's type}: a bad value fails before the model loads."""
     with open(path) as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            given = yaml.safe_load(f) or {}
-        else:
-            given = json.load(f)
+        given = (yaml.safe_load(f) or {}) if path.endswith((".yaml", ".yml")) else json.load(f)
     types = {f.name: f.type for f in known}
     return {name: field_value(path, name, value, types.get(name)) for name, value in given.items()}
 
