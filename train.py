@@ -367,9 +367,9 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     optimizer = accelerator.prepare(optimizer)
     if main := accelerator.is_main_process:  # write_json makes the folder: only the main process writes in it
         data.write_json(os.path.join(cfg.out, "config.json"), {"train": asdict(cfg), "model": asdict(model.cfg)})
-    if cfg.report_to:  # trackers take scalars and strings only (tensorboard's hparams)
-        accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                     for k, v in asdict(cfg).items()})
+    # without --report-to accelerate has no tracker to start; trackers take scalars and strings (tensorboard's hparams)
+    accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                 for k, v in asdict(cfg).items()})
     stream = batches(dataset, sampler, model.tokenizer.pad_token_id, cfg.num_workers, micro,
                      accelerator.process_index, accelerator.num_processes)
     return SimpleNamespace(
@@ -455,8 +455,7 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
     run.bar.set_postfix(loss=f"{run.loss:.4f}")
     if run.log_file and (run.step % cfg.log_every == 0 or run.step == run.total):
         run.log_file.write(json.dumps(record) + "\n")
-        if cfg.report_to:
-            accelerator.log(record, step=run.step)
+        accelerator.log(record, step=run.step)  # to --report-to's tracker; none: nothing
     # all processes stop at the same step, or the others hang in all-reduce (one process: the value itself)
     run.stopping = bool(accelerator.reduce(torch.tensor(float(stop["signal"] is not None), device=accelerator.device),
                                            "max"))
