@@ -414,8 +414,8 @@ def train_step(run, cfg: TrainConfig) -> dict:
         run.last_batch = batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         tokens += int(weight * batch["attention_mask"].sum())  # a replayed batch (weight 0) trains nothing
         padded += int(weight * (batch["attention_mask"] == 0).sum())
-        sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped)  # all-reduce on the last
-        with sync, accelerator.autocast():
+        # gradients all-reduced on the last micro-batch only
+        with (nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped)), accelerator.autocast():
             loss = run.wrapped(**batch, return_logits=False).loss  # the LM head on labelled positions only
             if not torch.isfinite(loss):
                 last = latest_checkpoint(cfg.out)
