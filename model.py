@@ -1,5 +1,4 @@
-"""The LLaVA-NeXT-style model of INST-IT (2.4, 3.1): vision encoder -> MLP projector -> 2x2 pooling (videos) or
-AnyRes tiles (images) -> causal LM.
+"""INST-IT's LLaVA-NeXT-style model (2.4, 3.1): ViT -> MLP projector -> 2x2-pooled videos / AnyRes images -> causal LM.
 
 Read top to bottom as data flows: `ModelConfig` and `num_visual_tokens` (tokens per image or video), loading the three
 parts, `LlavaStyleModel.forward` (features fill the `<image>` positions data.py expanded), generation, saving, merging.
@@ -19,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file, logging as hf_logging
 
 log = logging.getLogger("model")
 
@@ -130,8 +132,7 @@ def anyres_tiles(image: Image.Image, cfg: ModelConfig) -> list[torch.Tensor]:
     size = (min(math.ceil(image.width * scale), width), min(math.ceil(image.height * scale), height))
     canvas = Image.new("RGB", (width, height))
     canvas.paste(image.resize(size, Image.BICUBIC), ((width - size[0]) // 2, (height - size[1]) // 2))
-    tiles = [canvas.crop((c * side, r * side, (c + 1) * side, (r + 1) * side))
-             for r in range(rows) for c in range(cols)]
+    tiles = [canvas.crop((c, r, c + side, r + side)) for r in range(0, height, side) for c in range(0, width, side)]
     return [normalize(t, cfg) for t in [image.resize((side, side), Image.BICUBIC), *tiles]]
 
 
@@ -183,8 +184,6 @@ def resolve_dtype(name: str) -> torch.dtype:
 def strict_from_pretrained(auto_class, path, **kwargs):
     """`auto_class.from_pretrained` with sdpa attention, quiet about a checkpoint's other parts (a LLaVA checkpoint
     holds three models) but an error when a weight of the model being loaded is missing."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -196,16 +195,16 @@ def strict_from_pretrained(auto_class, path, **kwargs):
     return model
 
 
-def image_normalization(path: str) -> tuple[list, list]:
+def image_normalization(path: str) -> tuple[tuple, tuple]:
     """(mean, std) of the vision encoder's image processor; CLIP's values when the folder has none."""
     from transformers import AutoImageProcessor
 
     try:
         proc = AutoImageProcessor.from_pretrained(path)
-        return list(proc.image_mean), list(proc.image_std)
+        return tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, AttributeError):
         log.warning("%s: no image processor config; using CLIP's normalisation", path)
-        return [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+        return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def encoder_layers(vision: nn.Module) -> nn.ModuleList:
@@ -218,9 +217,6 @@ def encoder_layers(vision: nn.Module) -> nn.ModuleList:
 
 def checkpoint_tensors(path: str, mapping: dict) -> dict:
     """Tensors of a (sharded) safetensors checkpoint whose names match a pattern of `mapping`, renamed by it."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     shards = sorted(set(json.load(open(index))["weight_map"].values())) if index else ["model.safetensors"]
     out = {}
@@ -337,8 +333,7 @@ def build_model(cfg: ModelConfig, device: str | None = None) -> "LlavaStyleModel
     projector_state = checkpoint_tensors(llava, keys["projector"]) if llava else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or llava or cfg.language_model)
     mean, std = image_normalization(cfg.vision_model)
-    cfg = replace(cfg, image_mean=tuple(mean), image_std=tuple(std))
-    return LlavaStyleModel(cfg, vision, lm, tokenizer, projector_state)
+    return LlavaStyleModel(replace(cfg, image_mean=mean, image_std=std), vision, lm, tokenizer, projector_state)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -552,7 +547,7 @@ class LlavaStyleModel(nn.Module):
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, visual_frames=None,
-                visual_pooled=None, image_sizes=None, pixel_values_videos=None, position_ids=None, return_logits=True):
+                visual_pooled=None, image_sizes=None, pixel_values_videos=None, return_logits=True):
         """(B, L) ids with expanded `<image>` tokens (+ frames) -> logits (B, L, V) and the mean next-token loss over
         labels != -100, computed as transformers' LLaVA does (fp32 logits). transformers' LLaVA-NeXT / OneVision
         inputs (5-D pixel_values with image_sizes, or pixel_values_videos) are read by hf_visuals.
@@ -564,8 +559,7 @@ class LlavaStyleModel(nn.Module):
                 input_ids, pixel_values, image_sizes, pixel_values_videos)
         with self.autocast():
             embeds = self.embed(input_ids, pixel_values, visual_frames, visual_pooled, image_sizes)
-            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                           position_ids=position_ids).last_hidden_state
+            hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
             if not return_logits and labels is not None:
                 targets = labels[:, 1:].to(hidden.device)
                 labelled = targets != -100
@@ -614,8 +608,6 @@ class LlavaStyleModel(nn.Module):
 
     def save_pretrained(self, out_dir: str):
         """The config, trained tensors and tokenizer (its added tokens): all a reload needs besides the base weights."""
-        from safetensors.torch import save_file
-
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "model_config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         save_file({k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()},
@@ -640,9 +632,6 @@ class LlavaStyleModel(nn.Module):
     def load_trained(self, file: str, strict: bool = True) -> "LlavaStyleModel":
         """Load trained tensors. strict: their names must be exactly this model's trainable parameters;
         otherwise each must name a parameter of this model, and trainable ones it lacks keep their init."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(file, device=str(self.device))
         except SafetensorError as e:  # a cut or overwritten file: its header no longer matches its size

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
+import yaml
 
 import data
 from model import LlavaStyleModel, ModelConfig, build_model, missing_folder
@@ -132,11 +133,7 @@ def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, di
 def read_config(path: str, known) -> dict:
     """A JSON or YAML config file -> {field: value as its field's type}: a bad value fails before the model loads."""
     with open(path) as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            given = yaml.safe_load(f) or {}
-        else:
-            given = json.load(f)
+        given = (yaml.safe_load(f) or {}) if path.endswith((".yaml", ".yml")) else json.load(f)
     types = {f.name: f.type for f in known}
     return {name: field_value(path, name, value, types.get(name)) for name, value in given.items()}
 
@@ -370,9 +367,9 @@ def start_run(cfg: TrainConfig, overrides: dict) -> SimpleNamespace:
     optimizer = accelerator.prepare(optimizer)
     if main := accelerator.is_main_process:  # write_json makes the folder: only the main process writes in it
         data.write_json(os.path.join(cfg.out, "config.json"), {"train": asdict(cfg), "model": asdict(model.cfg)})
-    if cfg.report_to:  # trackers take scalars and strings only (tensorboard's hparams)
-        accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                     for k, v in asdict(cfg).items()})
+    # without --report-to accelerate has no tracker to start; trackers take scalars and strings (tensorboard's hparams)
+    accelerator.init_trackers("inst-it", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                 for k, v in asdict(cfg).items()})
     stream = batches(dataset, sampler, model.tokenizer.pad_token_id, cfg.num_workers, micro,
                      accelerator.process_index, accelerator.num_processes)
     return SimpleNamespace(
@@ -417,8 +414,8 @@ def train_step(run, cfg: TrainConfig) -> dict:
         run.last_batch = batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         tokens += int(weight * batch["attention_mask"].sum())  # a replayed batch (weight 0) trains nothing
         padded += int(weight * (batch["attention_mask"] == 0).sum())
-        sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped)  # all-reduce on the last
-        with sync, accelerator.autocast():
+        # gradients all-reduced on the last micro-batch only
+        with (nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(run.wrapped)), accelerator.autocast():
             loss = run.wrapped(**batch, return_logits=False).loss  # the LM head on labelled positions only
             if not torch.isfinite(loss):
                 last = latest_checkpoint(cfg.out)
@@ -458,8 +455,7 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
     run.bar.set_postfix(loss=f"{run.loss:.4f}")
     if run.log_file and (run.step % cfg.log_every == 0 or run.step == run.total):
         run.log_file.write(json.dumps(record) + "\n")
-        if cfg.report_to:
-            accelerator.log(record, step=run.step)
+        accelerator.log(record, step=run.step)  # to --report-to's tracker; none: nothing
     # all processes stop at the same step, or the others hang in all-reduce (one process: the value itself)
     run.stopping = bool(accelerator.reduce(torch.tensor(float(stop["signal"] is not None), device=accelerator.device),
                                            "max"))
