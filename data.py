@@ -399,11 +399,16 @@ def media_path(root: str, relative: str, field: str, check: bool = True) -> str:
     return file
 
 
+def record_label(index, record, *id_fields) -> str:
+    """How a record is named in messages: its position and, when it has one, its ID."""
+    named = [f for f in id_fields if isinstance(record, dict) and record.get(f) is not None]
+    return f"#{index} ({named[0]} {record[named[0]]})" if named else f"#{index}"
+
+
 def convert_records(file: str, records, convert, *id_fields) -> list:
     """`convert(record) -> list` over a list or dict {name: record}; misfits are logged, skipped, counted per field."""
-    if not isinstance(records, dict):  # a record is named by its position and, when it has one, its ID
-        records = {next((f"#{i} ({f} {r[f]})" for f in id_fields if isinstance(r, dict) and r.get(f) is not None),
-                        f"#{i}"): r for i, r in enumerate(records)}
+    if not isinstance(records, dict):
+        records = {record_label(i, r, *id_fields): r for i, r in enumerate(records)}
     out, skipped = [], Counter()
     for name, record in records.items():
         try:
@@ -594,9 +599,10 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 
 def conversation(sample_id: str, source: str, visuals: list, turns) -> dict:
     """[(question, answer), ...] -> a sample, its visuals' placeholders before the first question."""
-    prefix = (PLACEHOLDER + "\n") * len(visuals)
-    messages = [{"role": role, "content": text} for k, (question, answer) in enumerate(turns)
-                for role, text in (("user", ("" if k else prefix) + question), ("assistant", answer))]
+    messages = []
+    for k, (question, answer) in enumerate(turns):
+        prefix = (PLACEHOLDER + "\n") * len(visuals) if k == 0 else ""
+        messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
     return {"id": sample_id, "source": source, "visuals": visuals, "messages": messages}
 
 
