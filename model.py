@@ -5,6 +5,7 @@ parts, `LlavaStyleModel.forward` (features fill the `<image>` positions data.py 
 
 Any transformers ViT-style encoder (CLIP, SigLIP) and causal LM compose; `LlavaStyleModel.from_llava_hf` adopts
 transformers' LLaVA-1.5, -NeXT and -OneVision checkpoints and LLaVA-NeXT's original layout (INST-IT's models)."""
+import ast
 import itertools
 import json
 import logging
@@ -264,9 +265,9 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
     """llava_layout for the config.json of LLaVA-NeXT's original layout (LLaVA-VL/LLaVA-NeXT's code: INST-IT's models).
 
     The tower's config and image normalisation come from `tower`, its weights from the checkpoint; a SigLIP tower is
-    cut as that code cuts it (last layer and head deleted). Grid pinpoints there are (width, height), or
-    "(1x1),...,(6x6)" in tower images. Videos and multi-image samples keep ModelConfig's defaults, as INST-IT's bench
-    runs these checkpoints (overriding their mm_spatial_pool_* and mm_newline_position)."""
+    cut as that code cuts it (last layer and head deleted). Grid pinpoints there are (width, height): a list, a list
+    written out as a string, or "(1x1),...,(6x6)" in tower images. Videos and multi-image samples keep ModelConfig's
+    defaults, as INST-IT's bench runs these checkpoints (overriding their mm_spatial_pool_* and mm_newline_position)."""
     from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
     architecture = (config.get("architectures") or [config.get("model_type")])[0]
@@ -292,10 +293,12 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
     if siglip := vision.model_type == "siglip_vision_model":
         vision.num_hidden_layers, vision.vision_use_head = vision.num_hidden_layers - 1, False
     side, pinpoints = vision.image_size, config.get("image_grid_pinpoints") or []
-    if isinstance(pinpoints, str):  # every grid from the first to the last, e.g. (1x1) to (6x6)
+    if isinstance(pinpoints, str) and "x" in pinpoints:  # every grid from the first to the last, e.g. (1x1) to (6x6)
         grids = [(int(w), int(h)) for w, h in re.findall(r"\((\d+)x(\d+)\)", pinpoints)]
         pinpoints = [[w * side, h * side] for w in range(grids[0][0], grids[-1][0] + 1)
                      for h in range(grids[0][1], grids[-1][1] + 1)]
+    elif isinstance(pinpoints, str):  # a list written out, "[(336, 672), ...]": read as LLaVA-NeXT's code reads it
+        pinpoints = ast.literal_eval(pinpoints)
     return (dict(vision_model=tower, vision_feature_layer=-1 if siglip else config.get("mm_vision_select_layer", -2),
                  anyres_max=int(anyres[2] or 0) if anyres else 0,
                  image_grid_pinpoints=[[h, w] for w, h in pinpoints] if anyres else None),

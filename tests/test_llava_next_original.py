@@ -14,7 +14,7 @@ from transformers import (CLIPImageProcessor, GenerationConfig, LlavaNextConfig,
                           LlavaOnevisionImageProcessorPil, SiglipImageProcessorPil)
 
 from conftest import make_tokenizer, text_config, vision_config
-from model import LlavaStyleModel, num_visual_tokens
+from model import LlavaStyleModel, num_visual_tokens, original_layout
 from test_anyres import CLIP_MEAN, CLIP_STD, image, prompt
 
 NEXT_PINPOINTS = [[32, 64], [64, 64], [96, 32]]  # (height, width), as transformers reads them; not symmetric
@@ -122,6 +122,15 @@ def test_original_layout_gives_the_transformers_logits(original, kind, sizes, tm
         with torch.no_grad():
             c = merged(**batch, pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
         assert (c.logits - b.logits).abs().max() <= 1e-4
+
+
+def test_grid_pinpoints_written_out_as_a_string_read_as_the_list(original):
+    """LLaVA-NeXT's code reads an image_grid_pinpoints string without "x" with ast.literal_eval."""
+    path = original["clip"][0]
+    config = json.loads(Path(path, "config.json").read_text())
+    for written in (str(config["image_grid_pinpoints"]), str([tuple(p) for p in config["image_grid_pinpoints"]])):
+        fields, _, _ = original_layout(path, dict(config, image_grid_pinpoints=written), config["mm_vision_tower"])
+        assert fields["image_grid_pinpoints"] == NEXT_PINPOINTS  # (height, width)
 
 
 @pytest.mark.parametrize("changes, error, message", [
