@@ -196,7 +196,7 @@ def test_two_process_run_and_its_exact_resume(tiny, colour_data, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
     def launch(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                *args(tiny, colour_data, out, "--max-steps", "4", "--save-every", "2", "--data",
                      f"{colour_data}/text.json:0.5", *extra)]
         run = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,

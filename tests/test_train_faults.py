@@ -182,7 +182,7 @@ def test_16_two_processes_keep_in_step_when_one_has_only_unreadable_samples(tiny
     import sys
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            *bad_args(tiny, bad_data, out, "--max-steps", "6", "--batch-size", "1", "--max-bad-fraction", "1")]
     run = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
                          text=True, timeout=240)
