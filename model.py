@@ -298,7 +298,11 @@ def original_layout(path: str, config: dict, tower: str) -> tuple[dict, object, 
         pinpoints = [[w * side, h * side] for w in range(grids[0][0], grids[-1][0] + 1)
                      for h in range(grids[0][1], grids[-1][1] + 1)]
     elif isinstance(pinpoints, str):  # a list written out, "[(336, 672), ...]": read as LLaVA-NeXT's code reads it
-        pinpoints = ast.literal_eval(pinpoints)
+        try:
+            pinpoints = ast.literal_eval(pinpoints)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{path}: config.json's image_grid_pinpoints {pinpoints!r} is neither a list of (width, "
+                             'height) nor "(1x1),...,(6x6)"') from None
     return (dict(vision_model=tower, vision_feature_layer=-1 if siglip else config.get("mm_vision_select_layer", -2),
                  anyres_max=int(anyres[2] or 0) if anyres else 0,
                  image_grid_pinpoints=[[h, w] for w, h in pinpoints] if anyres else None),

@@ -131,6 +131,8 @@ def test_grid_pinpoints_written_out_as_a_string_read_as_the_list(original):
     for written in (str(config["image_grid_pinpoints"]), str([tuple(p) for p in config["image_grid_pinpoints"]])):
         fields, _, _ = original_layout(path, dict(config, image_grid_pinpoints=written), config["mm_vision_tower"])
         assert fields["image_grid_pinpoints"] == NEXT_PINPOINTS  # (height, width)
+    with pytest.raises(ValueError, match=r"config.json's image_grid_pinpoints '\[\(64, 32\)' is neither"):
+        original_layout(path, dict(config, image_grid_pinpoints="[(64, 32)"), config["mm_vision_tower"])
 
 
 @pytest.mark.parametrize("changes, error, message", [
