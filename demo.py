@@ -462,7 +462,7 @@ def run_demo(demo, cfg: train.TrainConfig, overrides: dict) -> dict:
     train -> held-out synthetic bench. Writes results.json, loss.png, som_frames.png and answers.png in --out.
     `demo`: the demo's own flags (scenes, som, vision_pretrain_steps, base_url, annotator_model); --no-som
     shows the model the same frames without marks (the annotations still name the [IDs])."""
-    started, out = time.perf_counter(), Path(cfg.out)
+    started, wall_start, out = time.perf_counter(), time.time(), Path(cfg.out)
     if not cfg.resume and (out / "reading").exists():  # train.py would refuse a second run there: say it for the demo
         raise SystemExit(f"{out} holds a demo run already: add --resume to continue it, or give another --out "
                          f"(make demo: rm -r {out} first)")
@@ -533,7 +533,8 @@ def run_demo(demo, cfg: train.TrainConfig, overrides: dict) -> dict:
     predictions = evaluate.load_predictions(str(out / "bench" / "predictions.jsonl"))
     results = {"som": demo.som, "demo": vars(demo), "steps": result["step"], "seed": cfg.seed,
                "minutes": round((time.perf_counter() - started) / 60, 2), "chance_mc": evaluate.MC_RANDOM, "splits": {},
-               "curve": [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]}
+               "curve": [{"step": r["step"], "eval": r["eval"], "minutes": round((r["time"] - wall_start) / 60, 2)}
+                         for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]}  # since the start
     for split, scores in summary.items():
         rows = [p for p in predictions if p["split"] == split]
         kinds = sorted({p["question_id"].rsplit("-", 1)[1] for p in rows})

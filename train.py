@@ -442,7 +442,7 @@ def train_step(run, cfg: TrainConfig) -> dict:
     seconds = time.perf_counter() - start
     return {"step": run.step, "loss": loss_sum, "skipped": run.skipped, "lr": run.optimizer.param_groups[-1]["lr"],
             "grad_norm": float(grad_norm), "tokens_per_s": tokens * accelerator.num_processes / seconds,
-            "padded_fraction": padded / max(1, tokens + padded),
+            "padded_fraction": padded / max(1, tokens + padded), "time": time.time(),
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
 
@@ -467,7 +467,8 @@ def log_and_checkpoint(run, cfg: TrainConfig, record: dict, stop: dict):
             save_checkpoint(os.path.join(cfg.out, f"checkpoint-{run.step}"), run, states)
     if cfg.eval_bench and accelerator.is_main_process and (
             (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total):
-        run.log_file.write(json.dumps({"step": run.step, "eval": evaluate_on_bench(run.model, cfg, run.step)}) + "\n")
+        scores = evaluate_on_bench(run.model, cfg, run.step)
+        run.log_file.write(json.dumps({"step": run.step, "eval": scores, "time": time.time()}) + "\n")
 
 
 def train(cfg: TrainConfig, overrides: dict) -> dict:

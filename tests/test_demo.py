@@ -95,6 +95,8 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
         assert 0 <= b["right"] <= b["in_scene"] <= 100  # a right answer names a value of the scene
     assert [c["step"] for c in results["curve"]] == [3, 6]  # --eval-every: the learning curve on the bench
     assert set(results["curve"][0]["eval"]) == {"image_mc", "video_mc"}
+    minutes = [c["minutes"] for c in results["curve"]]  # wall-clock minutes since the demo started, at each score
+    assert 0 < minutes[0] <= minutes[1] <= results["minutes"]
     for name in ("loss.png", "som_frames.png", "answers.png", "final/trained.safetensors", "bench/predictions.jsonl",
                  "reading/final/trained.safetensors", "reading/metrics.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
