@@ -1,11 +1,12 @@
-"""The demo's learning curves: held-out image and video MC against mixture steps, one line per run.
+"""The demo's learning curves: held-out image and video MC against mixture steps or wall-clock minutes.
 
 Reads the results.json files the demo writes (`demo.py --eval-every K` puts a bench score every K
-mixture steps under "curve"), as kept in benchmarks/results/demo_*.json, and draws them beside chance and the
-demo's goal (image MC >= 60, video MC >= 50). A colour per seed; runs with marks solid, `--no-som` runs
-dashed; the longest runs drawn with squares.
+mixture steps under "curve", with the minutes since the demo started), as kept in benchmarks/results/demo_*.json,
+and draws them beside chance and the demo's goal (image MC >= 60, video MC >= 50). A colour per seed; runs with
+marks solid, `--no-som` runs dashed; the longest runs drawn with squares. `--x minutes` draws the runs whose
+curve carries minutes (results written before it did are left out, each named).
 
-    .venv/bin/python benchmarks/demo_curves.py [results.json ...] [--out benchmarks/results/demo_curves.png]
+    .venv/bin/python benchmarks/demo_curves.py [results.json ...] [--x steps|minutes] [--out FILE.png]
 """
 import argparse
 import glob
@@ -19,13 +20,19 @@ from evaluate import MC_RANDOM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOAL = {"image_mc": 60, "video_mc": 50}  # the demo's goal (README, The demo)
+X_AXES = {"steps": ("step", "mixture steps"), "minutes": ("minutes", "wall-clock minutes since the demo started")}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="*", default=sorted(glob.glob(os.path.join(HERE, "results", "demo_*.json"))))
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "demo_curves.png"))
+    parser.add_argument("--x", choices=X_AXES, default="steps",
+                        help="the x axis: mixture steps, or wall-clock minutes since the demo started")
+    parser.add_argument("--out", help="the figure (default: benchmarks/results/demo_curves[_minutes].png)")
     args = parser.parse_args()
+    name = "demo_curves.png" if args.x == "steps" else "demo_curves_minutes.png"
+    args.out = args.out or os.path.join(HERE, "results", name)
+    key, xlabel = X_AXES[args.x]
     plt = pyplot()
     if plt is None:
         parser.error("the figure needs matplotlib (pip install matplotlib)")
@@ -35,20 +42,26 @@ def main():
     for path, run in runs.items():
         if not run.get("curve"):
             parser.error(f"{path}: no learning curve in it (the demo writes one with --eval-every K)")
+    if args.x == "minutes":
+        for path in [p for p, run in runs.items() if "minutes" not in run["curve"][0]]:
+            print(f"left out: {path} (its curve has no minutes: written before the demo recorded them)")
+            del runs[path]
+        if not runs:
+            parser.error("no results.json whose curve carries minutes")
     longest = max(run["steps"] for run in runs.values())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for path, run in runs.items():
         scenes_steps = os.path.basename(path).rsplit("_", 1)[-1].removesuffix(".json")  # e.g. 8000x2000
         label = f"{'marks' if run['som'] else '--no-som'}, seed {run['seed']}, {scenes_steps}"
         for ax, split in zip(axes, GOAL):
-            steps, scores = [c["step"] for c in run["curve"]], [c["eval"][split] for c in run["curve"]]
-            ax.plot(steps, scores, "-" if run["som"] else "--", marker="s" if run["steps"] == longest else "o",
+            xs, scores = [c[key] for c in run["curve"]], [c["eval"][split] for c in run["curve"]]
+            ax.plot(xs, scores, "-" if run["som"] else "--", marker="s" if run["steps"] == longest else "o",
                     color=f"C{run['seed']}", markersize=4, label=label)
-            print(f"{label:34s} {split}: " + ", ".join(f"{s}: {v:.1f}" for s, v in zip(steps, scores)))
+            print(f"{label:34s} {split}: " + ", ".join(f"{x}: {v:.1f}" for x, v in zip(xs, scores)))
     for ax, (split, goal) in zip(axes, GOAL.items()):
         ax.axhline(MC_RANDOM, color="grey", linestyle=":", linewidth=1)
         ax.axhline(goal, color="green", linestyle=":", linewidth=1)
-        ax.set(title=f"{split} (dotted: chance {MC_RANDOM:.0f}, goal {goal})", xlabel="mixture steps", ylim=(0, 100))
+        ax.set(title=f"{split} (dotted: chance {MC_RANDOM:.0f}, goal {goal})", xlabel=xlabel, ylim=(0, 100))
     axes[0].set_ylabel("held-out MC accuracy, %")
     axes[0].legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()

@@ -269,3 +269,23 @@ def test_two_runs_with_one_seed_agree(tmp_path):
     assert answers("a") == answers("b") and answers("a")
     world = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "world").rglob("*") if p.is_file())
     assert world and all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in world)
+
+def test_demo_curves_against_minutes_leaves_out_runs_without_them(tmp_path):
+    """demo_curves.py --x minutes draws the curves that carry wall-clock minutes and names the ones left out."""
+    import subprocess
+    import sys
+    curve = [{"step": s, "eval": {"image_mc": 30.0 + s, "video_mc": 28.0 + s}} for s in (1, 2)]
+    old, new = tmp_path / "demo_som_seed0_10x2.json", tmp_path / "demo_som_seed1_10x2.json"
+    old.write_text(json.dumps({"som": True, "seed": 0, "steps": 2, "curve": curve}))
+    new.write_text(json.dumps({"som": True, "seed": 1, "steps": 2,
+                               "curve": [{**c, "minutes": 5.0 * c["step"]} for c in curve]}))
+    script = Path(__file__).parent.parent / "benchmarks" / "demo_curves.py"
+    run = subprocess.run([sys.executable, str(script), str(old), str(new), "--x", "minutes",
+                          "--out", str(tmp_path / "c.png")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"left out: {old}" in run.stdout and "seed 1, 10x2" in run.stdout and "seed 0" not in run.stdout
+    assert "image_mc: 5.0: 31.0, 10.0: 32.0" in run.stdout  # minutes on the x axis
+    assert (tmp_path / "c.png").stat().st_size > 0
+    run = subprocess.run([sys.executable, str(script), str(old), "--x", "minutes", "--out", str(tmp_path / "d.png")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "no results.json whose curve carries minutes" in run.stderr
