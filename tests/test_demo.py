@@ -79,10 +79,11 @@ def test_oracle_annotations_pass_the_real_annotators_checks(tmp_path):
         raise AssertionError("an undrawn [9] passed check_record")
 
 
-def test_short_demo_writes_results_pictures_and_a_model(tmp_path):
+def test_short_demo_writes_results_pictures_and_a_model(tmp_path, capsys):
     result = demo.main(["--out", str(tmp_path), "--scenes", "24", "--max-steps", "6", "--log-every", "2",
                          "--eval-every", "3", "--vision-pretrain-steps", "3"])
     assert result["step"] == 6
+    assert "too few steps to read the marks; --scenes 8000 --max-steps 4000" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["som"] is True and results["chance_mc"] == 25.0
     assert set(results["splits"]) == {"image_mc", "image_oe", "video_mc", "video_oe"}
