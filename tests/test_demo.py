@@ -115,6 +115,13 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path, capsys):
     bench = json.loads((tmp_path / "world" / "bench" / "image_multi_choice.json").read_text())
     assert all(Path(tmp_path / "world" / "bench" / q["image"]).is_file() for q in bench)
     assert "bench_som" in bench[0]["image"]  # the model is asked about marked frames
+    import subprocess
+    import sys
+    script = Path(__file__).parent.parent / "benchmarks" / "demo_optimizer.py"  # AdamW's share of a step, on it
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "final"), "--steps", "2", "--rounds", "1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "58 trained tensors" in run.stdout and "AdamW.step median: single-tensor" in run.stdout
 
 
 def test_no_som_demo_shows_raw_frames(tmp_path):
@@ -271,12 +278,13 @@ def test_two_runs_with_one_seed_agree(tmp_path):
     world = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "world").rglob("*") if p.is_file())
     assert world and all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in world)
 
+
 def test_demo_curves_against_minutes_leaves_out_runs_without_them(tmp_path):
     """demo_curves.py --x minutes draws the curves that carry wall-clock minutes and names the ones left out."""
     import subprocess
     import sys
     curve = [{"step": s, "eval": {"image_mc": 30.0 + s, "video_mc": 28.0 + s}} for s in (1, 2)]
-    old, new = tmp_path / "demo_som_seed0_10x2.json", tmp_path / "demo_som_seed1_10x2.json"
+    old, new = tmp_path / "demo_som_seed0_10x2.json", tmp_path / "demo_som_seed1_10x2_rerun.json"
     old.write_text(json.dumps({"som": True, "seed": 0, "steps": 2, "curve": curve}))
     new.write_text(json.dumps({"som": True, "seed": 1, "steps": 2,
                                "curve": [{**c, "minutes": 5.0 * c["step"]} for c in curve]}))
@@ -284,7 +292,7 @@ def test_demo_curves_against_minutes_leaves_out_runs_without_them(tmp_path):
     run = subprocess.run([sys.executable, str(script), str(old), str(new), "--x", "minutes",
                           "--out", str(tmp_path / "c.png")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert f"left out: {old}" in run.stdout and "seed 1, 10x2" in run.stdout and "seed 0" not in run.stdout
+    assert f"left out: {old}" in run.stdout and "seed 1, 10x2 rerun" in run.stdout and "seed 0" not in run.stdout
     assert "image_mc: 5.0: 31.0, 10.0: 32.0" in run.stdout  # minutes on the x axis
     assert (tmp_path / "c.png").stat().st_size > 0
     run = subprocess.run([sys.executable, str(script), str(old), "--x", "minutes", "--out", str(tmp_path / "d.png")],
