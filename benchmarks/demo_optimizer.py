@@ -2,8 +2,8 @@
 
 Loads a model the demo trained (`demo.py --out RUN` writes RUN/final), gives each tensor the trainer trains (the
 ones in trained.safetensors) a random gradient, and times AdamW.step() in its single-tensor loop (torch's default
-on CPU) against its foreach path (torch's default on CUDA): the median of --steps steps, the two interleaved
---rounds times. Compare with a mixture step (RUN/metrics.jsonl's time between lines) to see what a faster
+on CPU), its foreach path (torch's default on CUDA) and its fused kernel: the median of --steps steps, the three
+interleaved --rounds times. Compare with a mixture step (RUN/metrics.jsonl's time between lines) to see what a faster
 optimizer could save.
 
     .venv/bin/python benchmarks/demo_optimizer.py RUN/final [--steps 50] [--rounds 4]
@@ -36,17 +36,18 @@ def main():
         p.grad = torch.randn_like(p)
     print(f"{len(params)} trained tensors, {sum(p.numel() for p in params):,} values, "
           f"{torch.get_num_threads()} threads")
-    times = {False: [], True: []}
+    paths = {"single-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    times = {path: [] for path in paths}
     for _ in range(args.rounds):
-        for foreach in times:
-            optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+        for path, kwargs in paths.items():
+            optimizer = torch.optim.AdamW(params, lr=1e-4, **kwargs)
             optimizer.step()  # creates the moments
             for _ in range(args.steps):
                 start = time.perf_counter()
                 optimizer.step()
-                times[foreach].append(time.perf_counter() - start)
-    single, foreach = (1000 * statistics.median(times[k]) for k in (False, True))
-    print(f"AdamW.step median: single-tensor {single:.2f} ms, foreach {foreach:.2f} ms (x{single / foreach:.2f})")
+                times[path].append(time.perf_counter() - start)
+    medians = ", ".join(f"{path} {1000 * statistics.median(t):.2f} ms" for path, t in times.items())
+    print(f"AdamW.step median: {medians}")
 
 
 if __name__ == "__main__":
