@@ -11,7 +11,7 @@ This file is an example beside the method: it uses the method's public names as 
 pins every setting it depends on (DEMO, DEMO_MODEL, DEMO_MARKS), so a change of a method default does not
 change the demo. Its record of what was tried and measured: benchmarks/DEMO_HISTORY.md.
 
-    python demo.py --out runs/demo                                  # `make demo`: about 9 minutes on 2 CPU cores
+    python demo.py --out runs/demo                                  # `make demo`: 9-11 minutes on 2 CPU cores
     python demo.py --out runs/learn --scenes 8000 --max-steps 4000  # the setting that learns (README)
 """
 import argparse
