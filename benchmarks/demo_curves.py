@@ -20,7 +20,7 @@ from evaluate import MC_RANDOM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOAL = {"image_mc": 60, "video_mc": 50}  # the demo's goal (README, The demo)
-GOAL_MINUTES = 15  # ... within 15 minutes on 2 CPU cores, the goal the demo does not reach yet (README, The demo)
+GOAL_MINUTES = 15  # the marks read within 15 minutes on 2 CPU cores: not reached yet (README, Why not 15 minutes)
 X_AXES = {"steps": ("step", "mixture steps"),
           "minutes": ("minutes", f"wall-clock minutes since the demo started (dotted: goal {GOAL_MINUTES})")}
 

@@ -28,7 +28,9 @@ def main():
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps timed per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each path, interleaved")
     args = parser.parse_args()
-    with safe_open(os.path.join(args.model, "trained.safetensors"), "pt") as f:
+    if not os.path.isfile(weights := os.path.join(args.model, "trained.safetensors")):
+        parser.error(f"{weights}: no such file (give the final folder of a demo run: RUN/final)")
+    with safe_open(weights, "pt") as f:
         trained = set(f.keys())
     model = LlavaStyleModel.from_pretrained(args.model)
     params = [p for name, p in model.named_parameters() if name in trained]

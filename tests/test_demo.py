@@ -123,6 +123,8 @@ def test_short_demo_writes_results_pictures_and_a_model(tmp_path, capsys):
     assert run.returncode == 0, run.stderr
     assert "58 trained tensors" in run.stdout
     assert all(path in run.stdout for path in ("median: single-tensor", "foreach", "fused"))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)  # no model
+    assert run.returncode == 2 and f"{tmp_path / 'trained.safetensors'}: no such file" in run.stderr
 
 
 def test_no_som_demo_shows_raw_frames(tmp_path):
