@@ -243,14 +243,15 @@ class MixtureSampler(torch.utils.data.Sampler):
         """The endless batch stream; __iter__ is a slice of it."""
         g = torch.Generator().manual_seed(self.seed)
         probs = torch.tensor(self.ratios, dtype=torch.float64)
-        orders, used = [[] for _ in self.sizes], [0] * len(self.sizes)
+
+        def passes(size):  # a source's indices, endless: a fresh permutation per pass, drawn as the last one runs out
+            while True:
+                yield from torch.randperm(size, generator=g).tolist()
+
+        orders = [passes(size) for size in self.sizes]
         while True:
-            picks = []
-            for s in torch.multinomial(probs, self.batch_size * self.group, replacement=True, generator=g).tolist():
-                if used[s] == len(orders[s]):  # a new pass over source s
-                    orders[s], used[s] = torch.randperm(self.sizes[s], generator=g).tolist(), 0
-                picks.append(self.offsets[s] + orders[s][used[s]])
-                used[s] += 1
+            sources = torch.multinomial(probs, self.batch_size * self.group, replacement=True, generator=g).tolist()
+            picks = [self.offsets[s] + next(orders[s]) for s in sources]
             if self.group_by_length:
                 picks.sort(key=lambda i: self.lengths[i])
             batches = [picks[k:k + self.batch_size] for k in range(0, len(picks), self.batch_size)]
