@@ -189,14 +189,13 @@ def label_position(mask: np.ndarray, grid: int | None = None, size=(1, 1), taken
     centres = np.argwhere(mask[grid // 2::grid, grid // 2::grid]) * grid + grid // 2 if grid else []  # (y, x)
     if len(centres):  # on a grid: the cell centres inside the mask, nearest the peak first (else keep the peak)
         ys, xs = centres[np.argsort(((centres - (ys[0], xs[0])) ** 2).sum(1), kind="stable")].T
-    ok = fits(xs[:1], ys[:1])  # the first place fits unless the frame is crowded
+    ok = fits(xs, ys)  # the peak or, on a grid, every centre: the first fits unless the frame is crowded
     if not ok[0] and not len(centres):  # then every cell and those beside the mask, the deepest and central first
         m = math.ceil(max(size) / f)
         depth = np.pad(depth, m).ravel()
         cells = np.indices((small.shape[0] + 2 * m, small.shape[1] + 2 * m)).reshape(2, -1).T - m
         order = np.lexsort((((cells - centre) ** 2).sum(1), -depth))
         ys, xs = np.clip(cells[order] * f + f // 2 + (rows[0], cols[0]), 0, (h - 1, w - 1)).T
-    if not ok[0]:
         ok = fits(xs, ys)
     if not ok.any():
         return None
