@@ -92,7 +92,7 @@ def field_help(cls) -> dict:
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> tuple[TrainConfig, dict]:
-    """CLI -> (TrainConfig, ModelConfig overrides). Every field of both dataclasses is a flag. Precedence: flags, then
+    """CLI -> (TrainConfig, ModelConfig overrides). A flag per field but the encoder's own. Precedence: flags, then
     --config FILE.json|yaml, then `defaults` (a script's preset, such as demo.py's), then the stage preset."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file with any of the fields below (flags override it)")
